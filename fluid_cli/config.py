@@ -1,0 +1,160 @@
+"""Recipes: TOML files and `--set section.key=value` overrides, checked against typed dataclasses.
+
+Each section is a frozen dataclass and each component receives only its own section (torchtitan's
+lesson). Unknown sections or keys and wrong types are errors that list the valid ones. Precedence:
+defaults < recipe file < explicit CLI flags < --set. `fluid train --recipe recipes/tiny.toml` runs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomllib
+
+from fluid_cli.errors import FluidError
+from fluid_cli.registry import get_size, get_variant
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    variant: str = "rand-cont"
+    size: str = "tiny"
+    diffusion_batch_mul: int = 4  # MAR's default: 4 noise draws per token per step
+
+
+@dataclass(frozen=True)
+class DataSection:
+    image_tokens: str = ""  # artifact dir written by `fluid tokenize`
+    text: str = ""  # artifact dir written by `fluid encode-text`
+    val_image_tokens: str = ""  # held-out artifacts for the validation loss (empty: a split of train)
+    val_text: str = ""
+    val_records: int = 256  # records held out of the training data when no val artifacts are given
+    num_workers: int = 0
+    max_bad_records: int = 100  # stop past this many unreadable or malformed records
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 32  # global batch (the paper: 2048; 4096 for 10.5B)
+    micro_batch_size: int = 0  # per process and forward; 0 = the whole per-process batch
+    lr: float = 1e-4
+    warmup_steps: int = 100  # the paper: 65K steps linear warmup, then constant
+    weight_decay: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    cfg_dropout: float = 0.1  # text replaced by the empty caption (MAR's label drop rate: 0.1)
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 200
+    val_batches: int = 4
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    device: str = "auto"  # auto | cuda | xla | mps | cpu
+    precision: str = "auto"  # auto (bf16 on accelerators, fp32 on cpu) | bf16 | fp32
+    compile: bool = False
+    preempt_budget_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Recipe)}
+_SECTION_TYPES = get_type_hints(Recipe)
+
+
+def _check_value(section: str, key: str, value: Any, typ: type) -> Any:
+    where = f"{section}.{key}"
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+        raise FluidError(f"recipe key {where} must be {typ.__name__}, got {value!r}")
+    if not isinstance(value, typ):
+        raise FluidError(f"recipe key {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(recipe: Recipe, overrides: dict[str, dict[str, Any]], origin: str) -> Recipe:
+    updates = {}
+    for section, values in overrides.items():
+        if section not in _SECTIONS:
+            raise FluidError(
+                f"unknown recipe section [{section}] in {origin}; valid sections: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise FluidError(f"[{section}] in {origin} must be a table of keys")
+        current = getattr(recipe, section)
+        hints = get_type_hints(type(current))
+        for key, value in values.items():
+            if key not in hints:
+                raise FluidError(
+                    f"unknown recipe key {section}.{key} in {origin}; valid keys of [{section}]: {', '.join(hints)}"
+                )
+            values[key] = _check_value(section, key, value, hints[key])
+        updates[section] = replace(current, **values)
+    return replace(recipe, **updates)
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    recipe = Recipe()
+    if path is None:
+        return recipe
+    p = Path(path)
+    if not p.is_file():
+        raise FluidError(f"recipe {p} not found; see recipes/ for the shipped ones")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise FluidError(f"recipe {p} is not valid TOML: {e}") from None
+    return _apply(recipe, data, str(p))
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """['train.lr=3e-4', 'model.size=166m'] -> {'train': {'lr': 3e-4}, 'model': {'size': '166m'}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise FluidError(f"--set {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        lhs, raw = item.split("=", 1)
+        section, key = lhs.strip().split(".", 1)
+        try:  # TOML literal first (numbers, booleans, quoted strings); bare words are strings
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: list[str]) -> Recipe:
+    """defaults < recipe file < CLI flags (None = not given) < --set; then validate names."""
+    recipe = load_recipe(path)
+    given = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
+    recipe = _apply(recipe, {s: kv for s, kv in given.items() if kv}, "command-line flags")
+    recipe = _apply(recipe, parse_set(sets), "--set")
+    get_variant(recipe.model.variant)
+    get_size(recipe.model.size)
+    t = recipe.train
+    if t.batch_size < 1 or t.steps < 0:
+        raise FluidError("train.batch_size must be >= 1 and train.steps >= 0")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        raise FluidError(
+            f"train.batch_size {t.batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}"
+        )
+    return recipe

@@ -1,0 +1,155 @@
+"""Training data: image-token and text-embedding artifacts joined by record key, in a resumable order.
+
+The order is a pure function of (seed, global sample position): position p falls in epoch p // N and
+takes record perm_epoch[p % N], with perm_epoch = randperm(N) seeded by (seed, epoch). Rank r of W
+takes positions [r*B/W, (r+1)*B/W) of each global batch of B, so no sample is seen twice in an epoch,
+and resuming at step s needs only s. Each sample's random key is hash(seed, position), so masks and
+noise do not depend on the batch split or the number of processes. Used by `fluid train`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fluid_cli.errors import FluidError
+from fluid_cli.models import keyed_random as kr
+from fluid_cli.shards import Artifact
+
+log = logging.getLogger(__name__)
+IMAGE_KINDS = ("image-latents", "image-codes")
+
+
+@dataclass(frozen=True)
+class DataShapes:
+    """What the model needs to know about the data (read from the manifests)."""
+
+    tokens: str  # "continuous" | "discrete"
+    token_grid: tuple[int, int]
+    latent_channels: int
+    vocab_size: int
+    text_dim: int
+    text_len: int
+
+
+class PairedRecords(torch.utils.data.Dataset):
+    """Records present in both artifacts, in the image artifact's order."""
+
+    def __init__(self, image_dir: str, text_dir: str, what: str = "training"):
+        self.images = Artifact.open(image_dir, IMAGE_KINDS, what=f"{what} image tokens")
+        self.text = Artifact.open(text_dir, "text-embeddings", what=f"{what} text embeddings")
+        text_index = self.text.index()
+        self.pairs: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+        missing = 0
+        for key, loc in self.images.index().items():
+            t = text_index.get(key)
+            if t is None:
+                missing += 1
+                continue
+            self.pairs.append((key, loc, t))
+        if not self.pairs:
+            raise FluidError(
+                f"no record key of {image_dir} is in {text_dir}: the two artifacts do not describe the same "
+                "records (make both from the same source with `fluid tokenize` and `fluid encode-text`)"
+            )
+        if missing:
+            log.warning("%d image records have no text embedding and are not used", missing)
+        self.shapes = self._shapes()
+        self.flip = bool(self.images.attrs.get("flip", False))
+
+    def _shapes(self) -> DataShapes:
+        a, t = self.images.attrs, self.text.attrs
+        if self.images.kind == "image-latents":
+            H, W = a["latent_size"]
+            patch = 2
+            if H % patch or W % patch:
+                raise FluidError(
+                    f"latents of {H}x{W} cannot be grouped 2x2 into tokens; use an even latent size"
+                )
+            return DataShapes(
+                "continuous",
+                (H // patch, W // patch),
+                int(a["latent_channels"]),
+                0,
+                int(t["text_dim"]),
+                int(t["max_length"]),
+            )
+        h, w = a["codes_shape"]
+        return DataShapes(
+            "discrete", (h, w), 0, int(a["vocab_size"]), int(t["text_dim"]), int(t["max_length"])
+        )
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        key, (ishard, irow), (tshard, trow) = self.pairs[i]
+        rec = self.images.get(ishard, irow)
+        rec["hidden"] = self.text.get(tshard, trow)["hidden"]
+        return rec
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(kr.make_keys(seed, epoch)))
+    return torch.randperm(n, generator=g)
+
+
+class PositionSampler:
+    """Yields, for each step from `start_step`, this rank's list of (record index, global position)."""
+
+    def __init__(
+        self, indices: list[int], batch_size: int, rank: int, world: int, seed: int, start_step: int = 0
+    ):
+        if batch_size % world:
+            raise FluidError(f"global batch {batch_size} is not divisible by the {world} processes")
+        self.indices, self.B, self.rank, self.world = indices, batch_size, rank, world
+        self.seed, self.step = seed, start_step
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _record_at(self, pos: int) -> int:
+        n = len(self.indices)
+        epoch = pos // n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(n, self.seed, epoch))
+        return self.indices[int(self._perm[1][pos % n])]
+
+    def positions(self, step: int) -> list[int]:
+        per = self.B // self.world
+        first = step * self.B + self.rank * per
+        return list(range(first, first + per))
+
+    def __iter__(self):
+        while True:
+            yield [(self._record_at(p), p) for p in self.positions(self.step)]
+            self.step += 1
+
+
+def collate(records: list[dict[str, torch.Tensor]], text_len: int) -> dict[str, torch.Tensor]:
+    """Stack image fields; pad text states to the static length `text_len` with a mask."""
+    out = {k: torch.stack([r[k] for r in records]) for k in records[0] if k != "hidden"}
+    D = records[0]["hidden"].shape[-1]
+    text = torch.zeros(len(records), text_len, D, dtype=torch.float32)
+    mask = torch.zeros(len(records), text_len, dtype=torch.bool)
+    for i, r in enumerate(records):
+        n = min(r["hidden"].shape[0], text_len)
+        text[i, :n] = r["hidden"][:n].float()
+        mask[i, :n] = True
+    out["text"], out["text_mask"] = text, mask
+    return out
+
+
+class IndexedBatches(torch.utils.data.Dataset):
+    """Wraps the records so a DataLoader can fetch one whole batch per item (workers prefetch)."""
+
+    def __init__(self, records: PairedRecords, text_len: int):
+        self.records, self.text_len = records, text_len
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, batch: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        out = collate([self.records[i] for i, _ in batch], self.text_len)
+        out["positions"] = torch.tensor([p for _, p in batch], dtype=torch.int64)
+        return out

@@ -1,0 +1,197 @@
+"""`fluid train`: the training loop (setup lives in train/setup.py, checkpoints in train/checkpoint.py).
+
+One step = one global batch: this process's share is split into micro-batches, each micro-batch's
+summed loss is divided by the token weight of the WHOLE global batch (known up front from the keys),
+so the update is identical however the batch is split. Non-finite steps are skipped without touching
+weights, optimizer or EMA. SIGTERM finishes the step, saves, and exits with a requeue code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from fluid_cli import backend
+from fluid_cli.errors import FluidError, RequeueExit
+from fluid_cli.models import keyed_random as kr
+from fluid_cli.train import checkpoint as ckpt
+from fluid_cli.train.inputs import model_inputs
+from fluid_cli.train.optim import lr_at
+from fluid_cli.train.progress import TrainProgress
+from fluid_cli.train.setup import TrainSetup
+
+log = logging.getLogger(__name__)
+VAL_SEED = 0x7A1D  # fixed: validation masks and noise are identical across runs and seeds
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can finish its step, save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested_at = time.monotonic()
+            log.warning("SIGTERM: finishing this step, saving, then exiting")
+
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. in-process tests)
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], size: int):
+    n = batch["positions"].shape[0]
+    for a in range(0, n, size):
+        yield {k: v[a : a + size] for k, v in batch.items()}
+
+
+def _step_loss(s: TrainSetup, batch: dict, normalizer: float, train: bool) -> torch.Tensor:
+    """Forward (+ backward when training) over micro-batches; returns the summed normalised loss."""
+    t = s.recipe.train
+    micro = t.micro_batch_size or batch["positions"].shape[0]
+    total = torch.zeros((), device=s.device)
+    parts = list(_micro_batches(batch, micro))
+    for i, mb in enumerate(parts):
+        seed = s.recipe.train.seed if train else VAL_SEED
+        keys = kr.make_keys(seed, mb["positions"]).to(s.device)
+        tokens, text, mask = model_inputs(
+            mb, keys, s.model, s.model_cfg, s.device, t.cfg_dropout if train else 0.0, s.flip and train
+        )
+        sync = (
+            contextlib.nullcontext()
+            if not train or i == len(parts) - 1 or s.dist.world == 1
+            else s.ddp.no_sync()
+        )
+        with sync, backend.autocast(s.device, s.amp_dtype):
+            loss_sum, _ = s.forward(tokens, text, mask, keys)
+            # DDP averages gradients over processes, so scale by the world size to get a sum
+            loss = loss_sum / normalizer * s.dist.world
+        if train:
+            loss.backward()
+        total = total + loss.detach() / s.dist.world
+    return total
+
+
+def _global_normalizer(s: TrainSetup, step: int, seed: int, batch_size: int) -> float:
+    """Token weight of the whole global batch, from the keys alone (cheap: no forward)."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    keys = kr.make_keys(seed, positions).to(s.device)
+    return float(s.model.token_weights(keys).sum().clamp(min=1))
+
+
+@torch.no_grad()
+def validate(s: TrainSetup) -> float | None:
+    if s.val_batches is None:
+        return None
+    s.model.eval()
+    total, n = 0.0, 0
+    for vb in s.val_batches:
+        norm = float(s.model.token_weights(kr.make_keys(VAL_SEED, vb["all_positions"]).to(s.device)).sum())
+        total += float(backend.all_reduce_mean(_step_loss(s, vb, norm, train=False), s.dist)) * s.dist.world
+        n += 1
+    s.model.train()
+    return total / max(n, 1)
+
+
+def _write_metrics(s: TrainSetup, row: dict) -> None:
+    if s.dist.main:
+        with open(s.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _save(s: TrainSetup, step: int) -> Path | None:
+    path = None
+    if s.dist.main:
+        state = {"step": step, "optimizer": s.optimizer.state_dict(), "bad_steps": s.bad_steps_total}
+        path = ckpt.save_checkpoint(
+            s.run_dir,
+            step,
+            s.model.state_dict(),
+            s.ema.state_dict(),
+            state,
+            s.run_config,
+            s.recipe.train.keep_checkpoints,
+        )
+        log.info("saved %s", path)
+    backend.barrier(s.dist)
+    return path
+
+
+def run(s: TrainSetup) -> Path:
+    t = s.recipe.train
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    progress = TrainProgress(t.steps, s.step, enabled=s.dist.main)
+    bad_in_row, window_start, window_images = 0, time.perf_counter(), 0
+    with _Preemption() as pre, progress:
+        for batch in s.loader:
+            step = s.step
+            if step >= t.steps:
+                break
+            for g in s.optimizer.param_groups:
+                g["lr"] = lr_at(step, t.lr, t.warmup_steps)
+            norm = _global_normalizer(s, step, t.seed, t.batch_size)
+            loss = backend.all_reduce_mean(_step_loss(s, batch, norm, train=True), s.dist) * s.dist.world
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
+            if finite:
+                s.optimizer.step()
+                s.ema.update(s.model, step)
+                bad_in_row = 0
+            else:  # skip: weights, optimizer state and EMA stay exactly as they were
+                bad_in_row += 1
+                s.bad_steps_total += 1
+                log.warning(
+                    "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_row
+                )
+            s.optimizer.zero_grad(set_to_none=True)
+            backend.mark_step(s.device)
+            s.step = step + 1
+            window_images += t.batch_size
+            if bad_in_row >= t.max_bad_steps:
+                last = ckpt.latest(s.run_dir)
+                raise FluidError(
+                    f"stopped: {bad_in_row} non-finite steps in a row at step {s.step}; no checkpoint written, last good one: {last}"
+                )
+            if s.step % t.log_every == 0 or s.step == t.steps:
+                backend.synchronize(s.device)
+                dt = time.perf_counter() - window_start
+                row = {
+                    "step": s.step,
+                    "loss": float(loss),
+                    "lr": lr_at(step, t.lr, t.warmup_steps),
+                    "grad_norm": float(gnorm),
+                    "images_per_s": window_images / dt,
+                    "tokens_per_s": window_images * s.model_cfg.num_tokens / dt,
+                    "samples_seen": s.step * t.batch_size,
+                    "skipped_steps": s.bad_steps_total,
+                }
+                _write_metrics(s, row)
+                progress.update(s.step, row)
+                window_start, window_images = time.perf_counter(), 0
+            else:
+                progress.update(s.step, None)
+            if t.val_every and (s.step % t.val_every == 0 or s.step == t.steps):
+                v = validate(s)
+                if v is not None:
+                    _write_metrics(s, {"step": s.step, "val_loss": v})
+                    progress.note(f"val_loss {v:.4f}")
+            if (t.ckpt_every and s.step % t.ckpt_every == 0) or s.step == t.steps:
+                _save(s, s.step)
+            if pre.requested_at is not None:
+                if ckpt.latest(s.run_dir) is None or ckpt.latest(s.run_dir).name != f"step-{s.step:08d}":
+                    _save(s, s.step)
+                raise RequeueExit(f"preempted at step {s.step}; checkpoint saved, rerun with --resume")
+    return s.run_dir
