@@ -112,6 +112,23 @@ class FluidModel(nn.Module):
         rank = order.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order
         return rank < num_masked  # (B, L) bool, static shape (no data-dependent gathers)
 
+    def hidden(
+        self,
+        tokens: torch.Tensor,  # (B, L, C) or (B, L)
+        text: torch.Tensor,  # (B, S, Dt)
+        text_mask: torch.Tensor,  # (B, S)
+        mask: torch.Tensor | None,  # (B, L) bool, random order: True = hidden behind the mask token
+    ) -> torch.Tensor:
+        """Backbone outputs z (B, L, W); z[:, i] is the condition for predicting token i."""
+        B = tokens.shape[0]
+        ctx = self.encode_text(text, text_mask)
+        x = self.embed_tokens(tokens)
+        if self.cfg.random_order:
+            x = torch.where(mask[..., None], self.special_token.to(x.dtype), x)
+        else:  # raster: token i is predicted at position i from tokens < i (shift right)
+            x = torch.cat([self.special_token.to(x.dtype).expand(B, 1, -1), x[:, :-1]], dim=1)
+        return self.backbone(x + self.pos, ctx, text_mask, causal=not self.cfg.random_order)
+
     def forward(
         self,
         tokens: torch.Tensor,  # (B, L, C) float latents or (B, L) long codes
@@ -125,16 +142,9 @@ class FluidModel(nn.Module):
         then the loss is the same however the batch is split into micro-batches and processes.
         """
         B, L = tokens.shape[:2]
-        ctx = self.encode_text(text, text_mask)
-        x = self.embed_tokens(tokens)
-        if self.cfg.random_order:
-            mask = self.random_mask(keys)
-            x = torch.where(mask[..., None], self.special_token.to(x.dtype), x)
-            weight = mask.to(torch.float32)
-        else:
-            x = torch.cat([self.special_token.to(x.dtype).expand(B, 1, -1), x[:, :-1]], dim=1)
-            weight = torch.ones(B, L, device=x.device)
-        z = self.backbone(x + self.pos, ctx, text_mask, causal=not self.cfg.random_order)
+        mask = self.random_mask(keys) if self.cfg.random_order else None
+        z = self.hidden(tokens, text, text_mask, mask)
+        weight = mask.to(torch.float32) if mask is not None else torch.ones(B, L, device=z.device)
         if self.cfg.continuous:
             return self._diffusion_loss(tokens, z, weight, keys)
         ce = F.cross_entropy(self.logits(z).float().flatten(0, 1), tokens.flatten(), reduction="none")
