@@ -51,7 +51,10 @@ def save_checkpoint(
     train_state: dict,
     config: dict,
     keep: int = 3,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
+    """Write a checkpoint atomically. `extra_dirs` (name -> a finished directory, e.g. FSDP's sharded
+    DCP state written by every process) are moved inside before the COMMIT marker."""
     bad = non_finite(model_state) + non_finite(ema_state)
     if bad:
         raise FluidError(
@@ -73,6 +76,9 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        for name, src in (extra_dirs or {}).items():  # their files were fsynced by their writer
+            os.replace(src, tmp / name)
+            _fsync_dir(tmp / name)
         (tmp / COMMIT).write_text(f"{step}\n")
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again after a resume: replace it

@@ -34,11 +34,18 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """fp32 exponential moving average of the trainable weights.
 
     The decay is min(decay, (1 + step) / (10 + step)): the usual warm-up so that short runs (CI, the
     demo) get a useful average; from step ~90K on it equals the paper's 0.9999.
+    Under FSDP2 the parameters are DTensor shards and so are the shadows: each process averages only
+    its own shard (no communication); checkpoints save them sharded (DCP) and gathered in full.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -49,12 +56,19 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+        params = [_local(p.detach()).float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_([_local(s) for s in self.shadow], params, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Name -> shadow (DTensor shards under FSDP: gather with full_tensor() for a full export)."""
         return dict(zip(self.names, self.shadow, strict=True))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Full tensors (from safetensors) or tensors already laid out like the shadows."""
+        from fluid_cli.train.distributed import to_shards
+
         for i, n in enumerate(self.names):
-            self.shadow[i].copy_(state[n])
+            src, dst = state[n], self.shadow[i]
+            if type(src) is not type(dst):  # a full tensor into a DTensor shadow: take our shard
+                src = to_shards(src, dst)
+            dst.copy_(src)  # copy_ moves across devices

@@ -25,6 +25,7 @@ from fluid_cli.models.flops import train_flops_per_image
 from fluid_cli.models.fluid_model import FluidModel
 from fluid_cli.registry import get_variant
 from fluid_cli.train import checkpoint as ckpt
+from fluid_cli.train import distributed
 from fluid_cli.train.data import IndexedBatches, PairedRecords, PositionSampler, collate
 from fluid_cli.train.optim import EMA, make_optimizer
 
@@ -51,6 +52,7 @@ class TrainSetup:
     step: int = 0
     bad_steps_total: int = 0
     extra: dict = field(default_factory=dict)
+    parallel: str = "single"  # single | ddp | fsdp | spmd (train/distributed.py)
 
 
 def _check_variant_data(variant: str, records: PairedRecords) -> None:
@@ -109,17 +111,8 @@ def _check_resume_config(saved: dict, current: dict) -> None:
         )
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
-    dist = backend.init_distributed(recipe.runtime.device)
-    device = backend.resolve_device(recipe.runtime.device, dist.local_rank)
-    amp = backend.autocast_dtype(device, recipe.runtime.precision)
-    d, t = recipe.data, recipe.train
-    if not d.image_tokens or not d.text:
-        raise FluidError(
-            "training needs --image-tokens DIR and --text DIR (artifacts of `fluid tokenize` / `fluid encode-text`)"
-        )
-    records = PairedRecords(d.image_tokens, d.text)
-    _check_variant_data(recipe.model.variant, records)
+def _build_model(recipe: Recipe, records: PairedRecords) -> tuple[ModelConfig, FluidModel]:
+    """The model on the CPU, initialised from the seed, with the data's empty-caption states."""
     sh = records.shapes
     model_cfg = ModelConfig.build(
         recipe.model.variant,
@@ -131,18 +124,14 @@ def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
         text_len=sh.text_len,
         diffusion_batch_mul=recipe.model.diffusion_batch_mul,
     )
-    torch.manual_seed(t.seed)  # weight init is the only use of torch's global RNG
+    torch.manual_seed(recipe.train.seed)  # weight init is the only use of torch's global RNG
     model = FluidModel(model_cfg)
-    _load_null_text(model, records, t.cfg_dropout)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    run_dir = Path(run_dir)
-    existing = ckpt.latest(run_dir)
-    if existing is not None and not resume:
-        raise FluidError(
-            f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue it, or choose a new --out"
-        )
-    run_config = {
+    _load_null_text(model, records, recipe.train.cfg_dropout)
+    return model_cfg, model
+
+
+def _run_config(recipe: Recipe, model_cfg: ModelConfig, records: PairedRecords, n_params: int) -> dict:
+    return {
         "fluid_version": __version__,
         "variant": model_cfg.variant,
         "size": model_cfg.size,
@@ -157,52 +146,59 @@ def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
             "image_kind": records.images.kind,
         },
     }
+
+
+def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
+    dist = backend.init_distributed(recipe.runtime.device)
+    device = backend.resolve_device(recipe.runtime.device, dist.local_rank)
+    amp = backend.autocast_dtype(device, recipe.runtime.precision)
+    plan = distributed.make_plan(recipe.runtime, recipe.model.size, dist.world, device)
+    if plan.parallel == "spmd":
+        from fluid_cli.train import xla
+
+        xla.enable_spmd()  # before any tensor reaches the device
+    d, t = recipe.data, recipe.train
+    if not d.image_tokens or not d.text:
+        raise FluidError(
+            "training needs --image-tokens DIR and --text DIR (artifacts of `fluid tokenize` / `fluid encode-text`)"
+        )
+    records = PairedRecords(d.image_tokens, d.text, max_bad_records=d.max_bad_records)
+    _check_variant_data(recipe.model.variant, records)
+    model_cfg, model = _build_model(recipe, records)
+    if plan.parallel != "fsdp":  # fully_shard moves one unit at a time: no full copy on the device
+        model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    run_dir = Path(run_dir)
+    existing = ckpt.latest(run_dir)
+    if existing is not None and not resume:
+        raise FluidError(
+            f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue it, or choose a new --out"
+        )
+    run_config = _run_config(recipe, model_cfg, records, n_params)
+    # wrap first: FSDP2 turns the parameters into DTensor shards, which optimizer and EMA then hold
+    forward, ddp = distributed.wrap(model, plan, device, amp, dist.world)
     optimizer = make_optimizer(model, t.lr, (t.beta1, t.beta2), t.weight_decay)
     ema = EMA(model, t.ema_decay)
     start, bad_total = 0, 0
     if existing is not None:
-        _check_resume_config(ckpt.load_config(existing)["model"], model_cfg.to_dict())
-        state = ckpt.load_train_state(existing)
-        model.load_state_dict({k: v.to(device) for k, v in ckpt.load_weights(existing, "model").items()})
-        ema.load_state_dict(
-            {k: v.to(device) for k, v in load_file(str(existing / "ema.safetensors")).items()}
-        )
-        optimizer.load_state_dict(state["optimizer"])
-        start, bad_total = int(state["step"]), int(state.get("bad_steps", 0))
-        log.info("resuming %s from step %d", run_dir, start)
+        start, bad_total = _resume(existing, model_cfg, model, optimizer, ema, plan)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(run_dir)
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=1) + "\n")
         _truncate_metrics(run_dir / "metrics.jsonl", start)
-    forward, ddp = model, None
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        forward = ddp
-    if recipe.runtime.compile:
-        forward = torch.compile(
-            forward
-        )  # graph breaks only at the loss; worth it on GPUs (see docs/benchmarks.md)
     n_val = 0 if d.val_image_tokens else min(d.val_records, len(records) // 10)
     train_idx, held_out = list(range(len(records) - n_val)), list(range(len(records) - n_val, len(records)))
-    sampler = PositionSampler(train_idx, t.batch_size, dist.rank, dist.world, t.seed, start_step=start)
-    loader = torch.utils.data.DataLoader(
-        IndexedBatches(records, sh.text_len),
-        sampler=sampler,
-        batch_size=None,
-        num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
-    )
+    loader = _loader(recipe, records, train_idx, dist, start, plan, device)
     log.info(
-        "%s %s: %.1fM parameters, %d training records, %d held out for validation, device %s",
+        "%s %s: %.1fM parameters, %d training records, %d held out for validation, device %s, %s",
         model_cfg.variant,
         model_cfg.size,
         n_params / 1e6,
         len(train_idx),
         n_val,
         backend.device_name(device),
+        plan.parallel,
     )
     return TrainSetup(
         recipe,
@@ -217,12 +213,47 @@ def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
         optimizer,
         ema,
         loader,
-        _val_batches(recipe, records, held_out, dist, sh.text_len),
+        _val_batches(recipe, records, held_out, dist, records.shapes.text_len),
         run_config,
         records.flip,
         start,
         bad_total,
+        parallel=plan.parallel,
     )
+
+
+def _resume(existing: Path, model_cfg: ModelConfig, model, optimizer, ema, plan) -> tuple[int, int]:
+    """Restore a committed checkpoint into this run's layout; returns (step, bad steps so far)."""
+    _check_resume_config(ckpt.load_config(existing)["model"], model_cfg.to_dict())
+    state = distributed.restore(existing, model, optimizer, ema, plan)  # any layout, any world size
+    log.info("resuming from %s (%s)", existing, plan.parallel)
+    return int(state["step"]), int(state.get("bad_steps", 0))
+
+
+def _loader(recipe: Recipe, records: PairedRecords, train_idx: list[int], dist, start: int, plan, device):
+    """This rank's batches from step `start` on (DataLoader workers prefetch whole batches)."""
+    d, t, text_len = recipe.data, recipe.train, records.shapes.text_len
+    sampler = PositionSampler(train_idx, t.batch_size, dist.rank, dist.world, t.seed, start_step=start)
+    loader = torch.utils.data.DataLoader(
+        IndexedBatches(records, text_len),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=d.num_workers,
+        persistent_workers=d.num_workers > 0,
+    )
+    if plan.parallel == "spmd":
+        loader = _xla_loader(loader, device, records, text_len, t.batch_size)
+    return loader
+
+
+def _xla_loader(loader, device: torch.device, records: PairedRecords, text_len: int, batch: int):
+    """TPU: background host-to-device copies with each field sharded over the chips on dim 0."""
+    from fluid_cli.train import xla
+
+    example = IndexedBatches(records, text_len)[[(0, 0)]]  # one record: the fields and their ranks
+    dev_loader = xla.device_loader(loader, device, example, batch)
+    dev_loader.sampler = loader.sampler  # the loop reads the data order from here
+    return dev_loader
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
