@@ -55,6 +55,7 @@ class TrainSection:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    time_limit_min: float = 0.0  # stop cleanly (with a checkpoint) after this many minutes; 0 = off
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class RuntimeSection:
     precision: str = "auto"  # auto (bf16 on accelerators, fp32 on cpu) | bf16 | fp32
     compile: bool = False
     preempt_budget_s: float = 30.0
+    # multi-process wrapping (train/distributed.py): auto = fsdp for sizes >= 3.1b, else ddp
+    parallel: str = "auto"  # auto | ddp | fsdp
+    activation_checkpointing: str = "auto"  # auto (on with fsdp) | on | off
 
 
 @dataclass(frozen=True)

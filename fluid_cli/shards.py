@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fluid_cli import __version__
 from fluid_cli.errors import FluidError
@@ -41,6 +42,17 @@ _DTYPES = {
     "int32": torch.int32,
     "int16": torch.int16,
     "uint8": torch.uint8,
+}
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "U8": torch.uint8,
 }
 
 
@@ -135,6 +147,15 @@ def _pack(
     return {name: t.to(dtype).contiguous()}
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors writes its metadata map in a random order per process; sort it, so the same
+    records always give the same bytes (and checksums: a resumed run equals an uninterrupted one)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
+
+
 def write_shard(
     out_dir: Path,
     index: int,
@@ -157,9 +178,7 @@ def write_shard(
         )
         atomic_write_bytes(path.with_suffix(".jsonl"), lines.encode())
     meta = {"keys": json.dumps(keys), "skipped": json.dumps(skipped or []), "format": FORMAT}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, _canonical_header(save(tensors, metadata=meta)))
     return ShardInfo(
         path.name, len(keys), _sha256(path), path.stat().st_size, list(keys), list(skipped or [])
     )
@@ -275,6 +294,40 @@ class Artifact:
             else:
                 out[name] = h.get_slice(name)[row : row + 1][0]
         return out
+
+    def check_shard(self, shard: int) -> str | None:
+        """Why shard `shard` cannot be read as the manifest describes it, or None when it can.
+
+        Catches truncated or corrupt files (the header does not parse or points past the end) and
+        tensors of the wrong shape or dtype (e.g. a shard made by another tokenizer)."""
+        info = self.manifest["shards"][shard]
+        try:
+            h = self._handle(shard)
+            n = len(self.shard_keys(shard))
+            for name, spec in self.fields.items():
+                shape = h.get_slice(name).get_shape()
+                if spec.ragged:
+                    lengths = h.get_tensor(f"{name}.lengths")
+                    if (
+                        len(lengths) != n
+                        or int(lengths.sum()) != shape[0]
+                        or list(shape[1:]) != list(spec.shape[1:])
+                    ):
+                        return f"field {name}: packed shape {shape} does not match {n} records of [-1, {spec.shape[1:]}]"
+                elif list(shape) != [n, *spec.shape]:
+                    return f"field {name}: shape {shape}, expected [{n}, {', '.join(map(str, spec.shape))}]"
+                dtype = h.get_slice(name).get_dtype()
+                if _DTYPES[spec.dtype] != _SAFETENSORS_DTYPES.get(dtype):
+                    return f"field {name}: dtype {dtype}, expected {spec.dtype}"
+            # a truncated file: its header may parse, but the last tensor's bytes are missing
+            first = next(iter(self.fields))
+            h.get_slice(first)[-1:] if n else None
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            self._handles.pop(shard, None)
+            return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+        if n != info["records"]:
+            return f"holds {n} records, the manifest says {info['records']}"
+        return None
 
     def rows(self, shard: int) -> list[dict]:
         """The shard's JSONL rows (e.g. captions), or [] when the stage wrote none."""

@@ -37,18 +37,29 @@ class DataShapes:
 class PairedRecords(torch.utils.data.Dataset):
     """Records present in both artifacts, in the image artifact's order."""
 
-    def __init__(self, image_dir: str, text_dir: str, what: str = "training"):
+    def __init__(
+        self, image_dir: str, text_dir: str, what: str = "training", max_bad_records: int | None = None
+    ):
         self.images = Artifact.open(image_dir, IMAGE_KINDS, what=f"{what} image tokens")
         self.text = Artifact.open(text_dir, "text-embeddings", what=f"{what} text embeddings")
-        text_index = self.text.index()
+        self.skipped: list[dict] = []  # {"artifact", "shard", "key"?, "records", "reason"}
+        image_index = self._usable_index(self.images)
+        text_index = self._usable_index(self.text)
         self.pairs: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
         missing = 0
-        for key, loc in self.images.index().items():
+        for key, loc in image_index.items():
             t = text_index.get(key)
             if t is None:
                 missing += 1
                 continue
             self.pairs.append((key, loc, t))
+        bad = sum(s["records"] for s in self.skipped)
+        if max_bad_records is not None and bad > max_bad_records:
+            raise FluidError(
+                f"{bad} records are unreadable or malformed (more than data.max_bad_records={max_bad_records}); "
+                f"first: {self.skipped[0]['artifact']} {self.skipped[0]['shard']}: {self.skipped[0]['reason']}. "
+                "Re-run the stage that wrote them, or raise the threshold"
+            )
         if not self.pairs:
             raise FluidError(
                 f"no record key of {image_dir} is in {text_dir}: the two artifacts do not describe the same "
@@ -58,6 +69,23 @@ class PairedRecords(torch.utils.data.Dataset):
             log.warning("%d image records have no text embedding and are not used", missing)
         self.shapes = self._shapes()
         self.flip = bool(self.images.attrs.get("flip", False))
+
+    def _usable_index(self, art: Artifact) -> dict[str, tuple[int, int]]:
+        """key -> (shard, row) over the shards that pass `check_shard`; the others are logged and
+        skipped whole (deterministically: the same shards are skipped on every run and process)."""
+        index: dict[str, tuple[int, int]] = {}
+        for i, name in enumerate(art.shard_files):
+            reason = art.check_shard(i)
+            if reason is not None:
+                n = int(art.manifest["shards"][i]["records"])
+                self.skipped.append(
+                    {"artifact": str(art.root), "shard": name, "records": n, "reason": reason}
+                )
+                log.warning("skipping %s/%s (%d records): %s", art.root, name, n, reason)
+                continue
+            for row, key in enumerate(art.shard_keys(i)):
+                index[key] = (i, row)
+        return index
 
     def _shapes(self) -> DataShapes:
         a, t = self.images.attrs, self.text.attrs
@@ -108,7 +136,7 @@ class PositionSampler:
         self.seed, self.step = seed, start_step
         self._perm: tuple[int, torch.Tensor] | None = None
 
-    def _record_at(self, pos: int) -> int:
+    def record_at(self, pos: int) -> int:
         n = len(self.indices)
         epoch = pos // n
         if self._perm is None or self._perm[0] != epoch:
@@ -122,7 +150,7 @@ class PositionSampler:
 
     def __iter__(self):
         while True:
-            yield [(self._record_at(p), p) for p in self.positions(self.step)]
+            yield [(self.record_at(p), p) for p in self.positions(self.step)]
             self.step += 1
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from fluid_cli import backend
 from fluid_cli.errors import FluidError, RequeueExit
 from fluid_cli.models import keyed_random as kr
 from fluid_cli.train import checkpoint as ckpt
+from fluid_cli.train import distributed
 from fluid_cli.train.inputs import model_inputs
 from fluid_cli.train.optim import lr_at
 from fluid_cli.train.progress import TrainProgress
@@ -113,6 +115,8 @@ def _write_metrics(s: TrainSetup, row: dict) -> None:
 
 
 def _save(s: TrainSetup, step: int) -> Path | None:
+    if s.parallel == "fsdp":  # every process writes its shards (train/distributed.py)
+        return distributed.save(s, step)
     path = None
     if s.dist.main:
         state = {"step": step, "optimizer": s.optimizer.state_dict(), "bad_steps": s.bad_steps_total}
@@ -130,11 +134,42 @@ def _save(s: TrainSetup, step: int) -> Path | None:
     return path
 
 
+def _consumed_crc(s: TrainSetup, step: int, crc: int) -> int:
+    """Fold the record indices of the whole global batch of `step` into a crc32 (any world size)."""
+    sampler, B = s.loader.sampler, s.recipe.train.batch_size
+    records = [sampler.record_at(p) for p in range(step * B, (step + 1) * B)]
+    return zlib.crc32(torch.tensor(records, dtype=torch.int64).numpy().tobytes(), crc)
+
+
+def _emit_row(s: TrainSetup, progress: TrainProgress, row: dict) -> None:
+    """Write a metrics row once its tensors can be read (on XLA: after the step's graph ran)."""
+    row = {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
+    _write_metrics(s, row)
+    progress.update(row["step"], row)
+
+
+def _stop_reason(s: TrainSetup, pre: _Preemption, run_start: float) -> str | None:
+    """'preempted' (SIGTERM on any process), 'time' (train.time_limit_min) or None. Under several
+    processes the flags are combined (one tiny all-reduce a step), so every rank stops at the same
+    step and joins the same save: a rank stopping alone would deadlock the others' collectives."""
+    limit = s.recipe.train.time_limit_min
+    flags = [pre.requested_at is not None, bool(limit) and time.monotonic() - run_start > limit * 60]
+    if s.dist.world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(f) for f in flags], device=s.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flags = [bool(x) for x in t.tolist()]
+    return "preempted" if flags[0] else "time" if flags[1] else None
+
+
 def run(s: TrainSetup) -> Path:
     t = s.recipe.train
     params = [p for p in s.model.parameters() if p.requires_grad]
     progress = TrainProgress(t.steps, s.step, enabled=s.dist.main)
     bad_in_row, window_start, window_images = 0, time.perf_counter(), 0
+    data_crc = 0  # crc32 of the record indices consumed in the log window (checks exact resume)
+    run_start = time.monotonic()
     with _Preemption() as pre, progress:
         for batch in s.loader:
             step = s.step
@@ -160,6 +195,7 @@ def run(s: TrainSetup) -> Path:
             backend.mark_step(s.device)
             s.step = step + 1
             window_images += t.batch_size
+            data_crc = _consumed_crc(s, step, data_crc)
             if bad_in_row >= t.max_bad_steps:
                 last = ckpt.latest(s.run_dir)
                 raise FluidError(
@@ -170,17 +206,17 @@ def run(s: TrainSetup) -> Path:
                 dt = time.perf_counter() - window_start
                 row = {
                     "step": s.step,
-                    "loss": float(loss),
+                    "loss": loss,  # tensors until _emit_row: no host sync here on XLA
                     "lr": lr_at(step, t.lr, t.warmup_steps),
-                    "grad_norm": float(gnorm),
+                    "grad_norm": gnorm,
+                    "data_crc": data_crc,
                     "images_per_s": window_images / dt,
                     "tokens_per_s": window_images * s.model_cfg.num_tokens / dt,
                     "samples_seen": s.step * t.batch_size,
                     "skipped_steps": s.bad_steps_total,
                 }
-                _write_metrics(s, row)
-                progress.update(s.step, row)
-                window_start, window_images = time.perf_counter(), 0
+                backend.step_closure(s.device, _emit_row, (s, progress, row))
+                window_start, window_images, data_crc = time.perf_counter(), 0, 0
             else:
                 progress.update(s.step, None)
             if t.val_every and (s.step % t.val_every == 0 or s.step == t.steps):
@@ -189,9 +225,20 @@ def run(s: TrainSetup) -> Path:
                     _write_metrics(s, {"step": s.step, "val_loss": v})
                     progress.note(f"val_loss {v:.4f}")
             if (t.ckpt_every and s.step % t.ckpt_every == 0) or s.step == t.steps:
-                _save(s, s.step)
-            if pre.requested_at is not None:
-                if ckpt.latest(s.run_dir) is None or ckpt.latest(s.run_dir).name != f"step-{s.step:08d}":
+                if bad_in_row:  # never let a streak of bad steps rotate good checkpoints out
+                    log.warning("step %d: not saving during a run of non-finite steps", s.step)
+                else:
                     _save(s, s.step)
-                raise RequeueExit(f"preempted at step {s.step}; checkpoint saved, rerun with --resume")
+            stop = _stop_reason(s, pre, run_start)
+            if stop:
+                latest = ckpt.latest(s.run_dir)
+                if not bad_in_row and (latest is None or latest.name != f"step-{s.step:08d}"):
+                    _save(s, s.step)
+                if stop == "preempted":
+                    raise RequeueExit(f"preempted at step {s.step}; checkpoint saved, rerun with --resume")
+                log.info(
+                    "time limit of %.2f min reached at step %d; checkpoint saved", t.time_limit_min, s.step
+                )
+                break
+    backend.synchronize(s.device)  # XLA: runs the step closures still pending (the last row)
     return s.run_dir
