@@ -1,0 +1,1 @@
+"""Data stages: `fluid tokenize` (image tokens) and `fluid encode-text` (T5 text embeddings)."""
