@@ -1,0 +1,124 @@
+"""What the random-order and raster samplers share: the settings, the guided text context, and the
+keyed per-token draws (diffusion-head sampling for continuous tokens, a categorical draw with
+temperature / top-k for discrete ones). Exercised by `fluid sample`.
+
+Every random number of a token is keyed by (image key, token position): the diffusion noise of
+diffusion step j is `normal(token_key, (C,), offset=(j+1)*C)` and the categorical uniform of AR step
+k is `uniform(token_key, (1,), offset=2k)`. So a token's draws do not depend on the batch it is in,
+on the process, or on whether the head runs on the chosen tokens only or on all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fluid_cli.models import keyed_random as kr
+from fluid_cli.models.fluid_model import FluidModel
+
+SAMPLERS = ("ddpm", "ddim")
+DISCRETE_ORDERS = ("random", "confidence")
+HEAD_TOKENS = ("chosen", "all")
+# CPU GEMM kernels take another path for fewer than 4 rows: measured here, 1-3 rows differ in the
+# last bits from the same rows inside a bigger matrix. Calls that can be that small (the head on a
+# step's few tokens, a raster step's batch) are padded to this many rows by repeating the last row,
+# so that an image's bits do not depend on its batch. 1-3 rows are weight-bandwidth bound: the
+# padding costs next to nothing.
+MIN_ROWS = 4
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Every setting that changes the images (recorded in the samples manifest)."""
+
+    steps: int = 64  # random-order AR steps K (raster always takes L steps)
+    diffusion_steps: int = 100  # S: respaced steps of the per-token diffusion (1000 at training)
+    cfg: float = 3.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
+    cfg_schedule: str = "linear"  # constant | linear (MAR / Muse)
+    temperature: float = 1.0  # continuous: scales the diffusion noise; discrete: divides the logits
+    top_k: int = 0  # discrete: keep the k most likely codes (0 = all)
+    sampler: str = "ddpm"  # per-token diffusion sampler: ddpm | ddim (eta 0, ignores temperature)
+    discrete_order: str = "random"  # random (the paper) | confidence (MaskGIT: keep the surest)
+    head_tokens: str = "chosen"  # chosen: head on this step's tokens; all: every token (one shape)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def condition(
+    model: FluidModel, text: torch.Tensor, text_mask: torch.Tensor, guided: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned text once per batch: (B or 2B, S, W) and mask; guided rows = [conditional; null]."""
+    if guided:
+        null, null_mask = model.null_text_batch(text.shape[0], text.shape[1])
+        text = torch.cat([text, null.to(text.dtype)])
+        text_mask = torch.cat([text_mask, null_mask])
+    return model.encode_text(text, text_mask), text_mask
+
+
+def pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """x with at least `rows` entries along `dim`, the last one repeated."""
+    n = x.shape[dim]
+    if n >= rows:
+        return x
+    last = x.narrow(dim, n - 1, 1)
+    return torch.cat([x, last.expand(*[rows - n if d == dim else -1 for d in range(x.dim())])], dim=dim)
+
+
+def token_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B,) image keys and (B, M) positions -> (B, M) per-token keys."""
+    return kr.combine(keys.to(torch.int64)[:, None], positions)
+
+
+def draw_continuous(
+    model: FluidModel, z: torch.Tensor, tkeys: torch.Tensor, scale: float, guided: bool, s: SampleSettings
+) -> torch.Tensor:
+    """Tokens (B, M, C) from backbone outputs z ((2)B, M, W) by the diffusion head, S steps each."""
+    B, M = tkeys.shape
+    C, N = model.cfg.token_channels, B * M
+    n = max(N, MIN_ROWS)
+    flat = pad_rows(tkeys.reshape(-1), n)  # (n,)
+    # guided: z's rows are [conditional B; null B]: the head's [cond N; uncond N] after flattening
+    cond = pad_rows(z.reshape(2 if guided else 1, N, z.shape[-1]), n, dim=1).flatten(0, 1)
+
+    def noise_fn(j: int) -> torch.Tensor:  # j = -1: x_T; j >= 0: the noise of denoising step j
+        return kr.normal(flat, (C,), kr.STREAM_SAMPLE_TOKENS, offset=(j + 1) * C)
+
+    # a per-row scale tensor keeps a step whose scale is exactly 1 on the guided path (same shapes)
+    cfg_scale = torch.full((n,), scale, device=z.device) if guided else None
+    out = model.head.sample(cond, noise_fn, s.diffusion_steps, s.temperature, cfg_scale, s.sampler)
+    return out[:N].view(B, M, C)
+
+
+def discrete_probs(
+    model: FluidModel, z: torch.Tensor, scale: float, guided: bool, s: SampleSettings
+) -> torch.Tensor:
+    """Guided, top-k filtered, tempered probabilities (B, M, V); at temperature 0 the filtered
+    logits instead (draw_discrete then takes the argmax)."""
+    rows, M, W = z.shape
+    logits = model.logits(pad_rows(z.reshape(-1, W), MIN_ROWS))[: rows * M].view(rows, M, -1).float()
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + scale * (cond - uncond)
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.temperature == 0:
+        return logits  # the caller takes the argmax
+    return torch.softmax(logits / s.temperature, dim=-1)
+
+
+def draw_discrete(
+    probs: torch.Tensor, tkeys: torch.Tensor, step: int, s: SampleSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (B, M) and their probabilities (B, M) by inverse-CDF with one keyed uniform per token."""
+    if s.temperature == 0:
+        codes = probs.argmax(dim=-1)
+        return codes, torch.ones(codes.shape, device=codes.device)
+    B, M, V = probs.shape
+    u = kr.uniform(tkeys.reshape(-1), (1,), kr.STREAM_SAMPLE_TOKENS, offset=2 * step).view(B, M, 1)
+    cdf = probs.cumsum(dim=-1)
+    # first code whose cumulative probability reaches u; static shape, no searchsorted / multinomial
+    codes = (cdf < u * cdf[..., -1:]).sum(dim=-1).clamp_max(V - 1)
+    return codes, probs.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
