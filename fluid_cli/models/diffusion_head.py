@@ -168,8 +168,9 @@ class DiffusionHead(nn.Module):
         temperature: float = 1.0,
         cfg_scale: float | torch.Tensor | None = 1.0,
         method: str = "ddpm",
+        clip_x0: float | None = None,
     ) -> torch.Tensor:
-        """Draw one token per condition row; returns (N, token_dim).
+        """Draw one token per condition row; returns (N, token_dim). ``clip_x0``: see p_sample_loop.
 
         Unguided (``cfg_scale`` None or the float 1.0): cond is (N, D). Guided (any other float, or a
         per-row tensor (N,) such as MAR's linear guidance schedule): cond is (2N, D), first N rows
@@ -206,4 +207,5 @@ class DiffusionHead(nn.Module):
             temperature=temperature,
             cfg_combine=combine,
             method=method,
+            clip_x0=clip_x0,
         )

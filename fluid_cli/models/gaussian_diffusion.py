@@ -231,6 +231,7 @@ class GaussianDiffusion:
         temperature: float = 1.0,
         cfg_combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
         method: str = "ddpm",
+        clip_x0: float | None = None,
     ) -> torch.Tensor:
         """Denoise from x_T to x_0 over all of this object's steps; returns x_0 of ``shape``.
 
@@ -245,7 +246,9 @@ class GaussianDiffusion:
 
         Note (MAR-faithful, not a bug): every respacing keeps t=999, where alpha_bar ~ 2.4e-9, so the
         first step moves x by ~300x (100 steps) the error of the eps prediction; an undertrained
-        head therefore gives exploding samples.
+        head therefore gives exploding samples. ``clip_x0`` (improved-diffusion's clip_denoised with
+        the data's range instead of [-1, 1]) clamps the predicted x0 before the posterior mean,
+        which bounds that error; None keeps MAR's unclipped sampler.
         """
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampling method {method!r}")
@@ -260,6 +263,13 @@ class GaussianDiffusion:
             if cfg_combine is not None:
                 out = cfg_combine(out)  # (N, 2C)
             mean, log_var, pred_x0 = self.p_mean_log_variance(out, x, t)
+            if clip_x0:
+                pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
+                mean = self.q_posterior_mean(pred_x0, x, t)
+                eps = (x - self._at("sqrt_alphas_cumprod", t, x) * pred_x0) / self._at(
+                    "sqrt_one_minus_alphas_cumprod", t, x
+                )
+                out = torch.cat([eps, out[:, x.shape[1] :]], dim=1)  # DDIM steps with the clipped x0's eps
             if method == "ddim":
                 x = self._ddim_step(out, x, t, pred_x0)
             elif i > 0:

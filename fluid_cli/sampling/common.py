@@ -41,6 +41,9 @@ class SampleSettings:
     sampler: str = "ddpm"  # per-token diffusion sampler: ddpm | ddim (eta 0, ignores temperature)
     discrete_order: str = "random"  # random (the paper) | confidence (MaskGIT: keep the surest)
     head_tokens: str = "chosen"  # chosen: head on this step's tokens; all: every token (one shape)
+    # continuous: clamp the head's predicted x0 to +-clip_x0 (None: the checkpoint's data range,
+    # recorded at training; 0: off, MAR's unclipped sampler). See docs/sampling.md.
+    clip_x0: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +90,9 @@ def draw_continuous(
 
     # a per-row scale tensor keeps a step whose scale is exactly 1 on the guided path (same shapes)
     cfg_scale = torch.full((n,), scale, device=z.device) if guided else None
-    out = model.head.sample(cond, noise_fn, s.diffusion_steps, s.temperature, cfg_scale, s.sampler)
+    out = model.head.sample(
+        cond, noise_fn, s.diffusion_steps, s.temperature, cfg_scale, s.sampler, s.clip_x0 or None
+    )
     return out[:N].view(B, M, C)
 
 

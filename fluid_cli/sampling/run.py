@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,8 @@ def run_sample(
     ckpt_dir = ckpt.resolve(checkpoint).resolve()
     config = ckpt.load_config(ckpt_dir)
     mcfg = ModelConfig.from_dict(config["model"])
+    if settings.clip_x0 is None:  # the data's latent range, recorded by `fluid train` (0: none recorded)
+        settings = replace(settings, clip_x0=float(config["data"].get("latent_abs_max") or 0.0))
     check_settings(settings, mcfg, batch_size, images_per_prompt)
     prompts, bad = read_prompts(prompts_file, prompt_args)
     dist = backend.init_distributed(device)

@@ -109,6 +109,17 @@ class PairedRecords(torch.utils.data.Dataset):
             "discrete", (h, w), 0, int(a["vocab_size"]), int(t["text_dim"]), int(t["max_length"])
         )
 
+    def latent_abs_max(self, records: int = 1024) -> float | None:
+        """max |mean| + 3 std over (up to) the first `records` latents: the range the sampler may
+        clamp predicted tokens to (`fluid sample --clip-x0`). None for VQ codes."""
+        if self.images.kind != "image-latents":
+            return None
+        hi = 0.0
+        for _, (shard, row), _ in self.pairs[:records]:
+            r = self.images.get(shard, row)
+            hi = max(hi, float((r["mean"].float().abs() + 3 * r["std"].float()).max()))
+        return round(hi, 4)
+
     def __len__(self) -> int:
         return len(self.pairs)
 

@@ -144,6 +144,7 @@ def _run_config(recipe: Recipe, model_cfg: ModelConfig, records: PairedRecords, 
             "image_tokens": records.images.attrs,
             "text": records.text.attrs,
             "image_kind": records.images.kind,
+            "latent_abs_max": records.latent_abs_max(),
         },
     }
 
