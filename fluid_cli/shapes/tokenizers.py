@@ -1,0 +1,318 @@
+"""`fluid train-tokenizer vae|vq`: small image tokenizers for the shapes world, in diffusers' formats.
+
+A diffusers `AutoencoderKL` (continuous: the paper's SD-VAE role) and a diffusers `VQModel`
+(discrete: the paper's VQGAN role), trained from scratch on images drawn by the shapes generator
+and saved with `save_pretrained`, so `fluid tokenize --tokenizer DIR` and `fluid sample` load them
+as they load the real ones. The training loops are ours (diffusers ships models, not tokenizer
+training): the VAE minimises MSE plus a KL term weighted as SD's (1e-6 of the summed
+reconstruction loss); the VQ minimises MSE plus the VQ-VAE codebook and commitment (beta 0.25)
+losses through a straight-through estimator, with the codebook seeded from encoder outputs and
+unused codes restarted on them (short CPU runs otherwise collapse onto a few codes). After
+training the VAE's `scaling_factor` / `shift_factor` are set so latent means are zero-mean,
+unit-variance tokens, as SD's 0.18215 does for its VAE. Quality (PSNR, and shapes-GenEval of the
+reconstructions) is measured on held-out images and saved as fluid-tokenizer.json. The settings
+and the measurements behind them: docs/shapes.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fluid_cli.errors import FluidError
+from fluid_cli.shapes.generator import SIZES, record
+
+log = logging.getLogger(__name__)
+EVAL_SEED = 999_999  # held-out images: a seed stream no dataset seed (0, 1, ...) shares
+KL_WEIGHT = 1e-6  # SD's autoencoder: 1e-6 x KL against the summed reconstruction loss
+BETA = 0.25  # VQ-VAE commitment weight
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """How a shapes tokenizer is built and trained (`fluid train-tokenizer` options)."""
+
+    kind: str  # "vae" | "vq"
+    size: int = 32  # image side in pixels
+    downsample: int = 0  # 0: the default, 4 (32 px: VAE 8x8x4 -> 16 tokens, VQ 8x8 = 64 codes)
+    # per encoder block (the first len(blocks) are used); () = the kind's default: at 3000 x 4
+    # the VAE did better at (16, 32, 64) (31.2 vs 29.2 dB), the VQ at (32, 64, 64) (31.3 vs 26.9)
+    channels: tuple[int, ...] = ()
+    latent_channels: int = 4  # VAE latents (4, as SD: grouped 2x2 -> 16-channel tokens); VQ: code dim
+    vocab: int = 512  # VQ codebook size
+    norm_groups: int = 1  # GroupNorm groups; one group of 16 channels (SD: 32 of 128+), not
+    # instance norm, which 16 groups of one channel would be and which trained slower here
+    steps: int = 3000
+    batch_size: int = 4  # at a fixed CPU budget small batches won: 4 x 4200 steps 35.6 dB, 16 x 1500 31.6
+    lr: float = 2e-3
+    seed: int = 0
+
+    def resolved_downsample(self) -> int:
+        return self.downsample or 4
+
+
+def model_config(s: TokenizerSettings) -> dict:
+    """The diffusers config: one down block per halving plus one, no mid-block attention (at 4x4 -
+    8x8 latents convolutions already see the whole image)."""
+    f = s.resolved_downsample()
+    if f not in (2, 4, 8, 16) or s.size % f:
+        raise FluidError(f"--downsample {f} must be 2, 4, 8 or 16 and divide --size {s.size}")
+    blocks = int(math.log2(f)) + 1
+    widths = s.channels or ((16, 32, 64) if s.kind == "vae" else (32, 64, 64))
+    channels = tuple(widths[min(i, len(widths) - 1)] for i in range(blocks))
+    cfg = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "block_out_channels": list(channels),
+        "layers_per_block": 1,
+        "norm_num_groups": s.norm_groups,
+        "mid_block_add_attention": False,
+        "sample_size": s.size,
+        "latent_channels": s.latent_channels,
+    }
+    if s.kind == "vq":
+        cfg.update(num_vq_embeddings=s.vocab, vq_embed_dim=s.latent_channels)
+    return cfg
+
+
+def build_model(s: TokenizerSettings):
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(s.seed)  # deterministic init
+    cls = {"vae": AutoencoderKL, "vq": VQModel}.get(s.kind)
+    if cls is None:
+        raise FluidError(f"unknown tokenizer kind {s.kind!r}; valid: vae, vq")
+    model = cls(**model_config(s))
+    if s.kind == "vae":
+        # start with a near-deterministic posterior (std ~0.05, not 1): otherwise the decoder first
+        # sees mostly noise, and with SD's tiny KL weight unlearning it takes most of a short run
+        with torch.no_grad():
+            model.quant_conv.bias[s.latent_channels :] = -6.0
+    return model
+
+
+def images(seed: int, start: int, n: int, size: int) -> torch.Tensor:
+    """Records start..start+n of a seed as a (n, 3, size, size) batch in [-1, 1]."""
+    arr = np.stack([record(seed, i, size)[0] for i in range(start, start + n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _reconstruction_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # L2 only: with L1 the ~85% flat grey background keeps sending full-size sign gradients once it
+    # is right, and a 300-step run lost 1.3 dB PSNR to L1 + L2 (docs/shapes.md)
+    return F.mse_loss(y, x)
+
+
+def vae_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    post = model.encode(x).latent_dist
+    y = model.decode(post.sample()).sample
+    rec = _reconstruction_loss(x, y)
+    kl = post.kl().mean() / x[0].numel()  # per image, on the same per-pixel scale as `rec`
+    return rec + KL_WEIGHT * kl, {"rec": rec.item(), "kl": kl.item()}
+
+
+class CodeStats:
+    """Code hits over a window of steps; codes never hit in a window are dead and restart on
+    current encoder outputs (VQGAN-style restarts: short CPU runs otherwise use a few codes)."""
+
+    def __init__(self, vocab: int, window: int = 100):
+        self.counts, self.window, self.used = torch.zeros(vocab), window, vocab
+
+    def update(self, idx: torch.Tensor) -> None:
+        self.counts += torch.bincount(idx.flatten(), minlength=self.counts.numel()).float()
+
+    def maybe_restart(self, step: int, codebook: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> int:
+        if (step + 1) % self.window:
+            return 0
+        dead = (self.counts == 0).nonzero().flatten()
+        self.used = self.counts.numel() - len(dead)
+        if len(dead):
+            pick = torch.randint(0, z.shape[0], (len(dead),), generator=g)
+            noise = 0.01 * z.detach().std() * torch.randn(len(dead), z.shape[1], generator=g)
+            codebook.data[dead] = z[pick].detach() + noise
+        self.counts.zero_()
+        return len(dead)
+
+
+def vq_loss(model, x: torch.Tensor, stats: CodeStats, g: torch.Generator, step: int):
+    h = model.encode(x).latents  # (B, D, h, w), the input of model.quantize
+    b, d, hh, ww = h.shape
+    z = h.permute(0, 2, 3, 1).reshape(-1, d)
+    codebook = model.quantize.embedding.weight
+    if step == 0:  # seed the codebook on encoder outputs, so every code starts where data is
+        pick = torch.randint(0, z.shape[0], (codebook.shape[0],), generator=g)
+        noise = 0.01 * z.detach().std() * torch.randn(codebook.shape, generator=g)
+        codebook.data.copy_(z[pick].detach() + noise)
+    idx = torch.cdist(z, codebook).argmin(dim=1)  # as diffusers' VectorQuantizer picks codes
+    zq = codebook[idx]
+    codebook_loss, commit = F.mse_loss(zq, z.detach()), F.mse_loss(z, zq.detach())
+    zq_st = (z + (zq - z).detach()).reshape(b, hh, ww, d).permute(0, 3, 1, 2)  # straight-through
+    y = model.decode(zq_st, force_not_quantize=True).sample
+    rec = _reconstruction_loss(x, y)
+    stats.update(idx)
+    restarted = stats.maybe_restart(step, codebook, z, g)
+    loss = rec + codebook_loss + BETA * commit
+    info = {"rec": rec.item(), "commit": commit.item(), "codes_used": stats.used, "restarted": restarted}
+    return loss, info
+
+
+def train(model, s: TokenizerSettings, progress=None) -> tuple[object, list[dict]]:
+    """The training loop: fresh generator images every step, AdamW, warm-up then cosine decay."""
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+    warmup = max(1, s.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * i / s.steps))
+    )
+    g = torch.Generator().manual_seed(s.seed)
+    stats = CodeStats(s.vocab)
+    history = []
+    model.train()
+    for step in range(s.steps):
+        x = images(s.seed, step * s.batch_size, s.batch_size, s.size)
+        if s.kind == "vae":
+            loss, info = vae_loss(model, x)
+        else:
+            loss, info = vq_loss(model, x, stats, g, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append({"step": step + 1, "loss": loss.item(), **info})
+        if progress:
+            progress(history[-1])
+    return model.eval(), history
+
+
+@torch.no_grad()
+def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
+    """Encode and decode as the pipeline does: the VAE's posterior mean, the VQ's nearest codes."""
+    if hasattr(model, "quantize"):
+        return model.decode(model.encode(x).latents).sample  # decode() quantizes
+    return model.decode(model.encode(x).latent_dist.mode()).sample
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded as a PNG would store it."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images (capped at 60 dB for exact reconstructions)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 60.0)
+
+
+@torch.no_grad()
+def calibrate(model, x: torch.Tensor) -> dict:
+    """Set the VAE's shift_factor / scaling_factor so (mean - shift) * scaling of latents is
+    zero-mean, unit-variance over held-out images (image_tokenize applies them that way)."""
+    mean = model.encode(x).latent_dist.mean
+    shift, scale = float(mean.mean()), float(1.0 / mean.std())
+    model.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return {"shift_factor": shift, "scaling_factor": scale}
+
+
+def evaluate(model, size: int, n: int = 256, batch: int = 64) -> tuple[dict, np.ndarray]:
+    """PSNR and shapes-GenEval of reconstructions of n held-out images (seed EVAL_SEED)."""
+    from fluid_cli.shapes.geneval import score_images
+
+    recs = [record(EVAL_SEED, i, size) for i in range(n)]
+    originals = np.stack([r[0] for r in recs])
+    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
+    rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
+    tags: dict[str, list[bool]] = {}
+    for row in rows:
+        tags.setdefault(row["tag"], []).append(row["correct"])
+    per_tag = {t: float(np.mean(v)) for t, v in tags.items()}
+    return {
+        "heldout_images": n,
+        "psnr_db": float(psnr(originals, recon).mean()),
+        "geneval_recon": float(np.mean(list(per_tag.values()))),
+        "geneval_recon_tags": per_tag,
+    }, recon
+
+
+def train_tokenizer(s: TokenizerSettings, out: Path, progress=None) -> dict:
+    """The `fluid train-tokenizer vae|vq` stage: train, calibrate, evaluate, save_pretrained(out).
+    Writes out/fluid-tokenizer.json (settings, timings, quality) last and returns it."""
+    if s.size not in SIZES:
+        raise FluidError(f"--size {s.size} is not supported; valid: {', '.join(map(str, SIZES))}")
+    if s.steps < 1 or s.batch_size < 1:
+        raise FluidError("--steps and --batch-size must be at least 1")
+    out = Path(out)
+    model = build_model(s)
+    t0 = time.perf_counter()
+    model, history = train(model, s, progress)
+    train_s = time.perf_counter() - t0
+    extra = calibrate(model, images(EVAL_SEED, 10_000, 256, s.size)) if s.kind == "vae" else {}
+    model.save_pretrained(out)  # before evaluating: a finished training is never lost
+    quality, _ = evaluate(model, s.size)
+    f = s.resolved_downsample()
+    grid = s.size // f
+    tokens = (grid // 2) ** 2 if s.kind == "vae" else grid**2  # the VAE's latents are grouped 2x2
+    report = {
+        "kind": s.kind,
+        "class": type(model).__name__,
+        "settings": {**asdict(s), "downsample": f},
+        "latent_grid": [grid, grid],
+        "tokens_per_image": tokens,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_s, 1),
+        "final": history[-1],
+        **extra,
+        **quality,
+    }
+    (out / "fluid-tokenizer.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def run_train_tokenizer(kind: str, out: Path, threads: int = 1, **options) -> dict:
+    """The `fluid train-tokenizer` stage: vae / vq (TokenizerSettings options) or t5 (the text
+    encoder: options width, layers, heads, seed). Runs on `threads` CPU threads (0: torch's
+    default), restored afterwards. Logs progress to stderr about ten times."""
+    before = torch.get_num_threads()
+    if threads:
+        # a batch of 4 small images gains little from threads (1.4x from 2 on an idle 2-core box)
+        # and on a busy machine threads that wait for each other ran 50x slower (docs/shapes.md)
+        torch.set_num_threads(threads)
+    try:
+        return _run(kind, out, **options)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(kind: str, out: Path, **options) -> dict:
+    if kind == "t5":
+        from fluid_cli.shapes.text_encoder import build_text_encoder
+
+        keep = {k: options[k] for k in ("width", "layers", "heads", "seed") if k in options}
+        return build_text_encoder(out, **keep)
+    if kind not in ("vae", "vq"):
+        raise FluidError(f"unknown tokenizer kind {kind!r}; valid: vae, vq, t5")
+    fields = set(TokenizerSettings.__dataclass_fields__)
+    s = TokenizerSettings(kind=kind, **{k: v for k, v in options.items() if k in fields and v is not None})
+    t0, every = time.perf_counter(), max(1, s.steps // 10)
+
+    def progress(h: dict) -> None:
+        if h["step"] % every == 0 or h["step"] == s.steps:
+            info = " ".join(f"{k} {v:.4g}" for k, v in h.items() if k != "step")
+            log.info("%s step %d/%d %s (%.0f s)", kind, h["step"], s.steps, info, time.perf_counter() - t0)
+
+    report = train_tokenizer(s, out, progress)
+    log.info(
+        "%s: %.2f dB PSNR, shapes-GenEval of reconstructions %.3f, %d tokens/image; trained in %.0f s",
+        kind, report["psnr_db"], report["geneval_recon"], report["tokens_per_image"], report["train_seconds"],
+    )  # fmt: skip
+    return report

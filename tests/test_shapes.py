@@ -1,0 +1,188 @@
+"""The embedded shapes benchmark: generator, exact detector + shapes-GenEval, held-out split, and the
+offline tokenizers / text encoder in the real formats (`fluid shapes-data`, `fluid train-tokenizer`)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fluid_cli.cli import app
+from fluid_cli.eval.geneval_rules import Detection, relative_position
+from fluid_cli.shapes.generator import record, write_shapes
+from fluid_cli.shapes.geneval import score_images
+from fluid_cli.shapes.prompts import TAGS, caption, heldout_specs
+from fluid_cli.shapes.render import COLOURS, SHAPES
+from fluid_cli.shapes.text_encoder import training_captions
+
+runner = CliRunner()
+
+
+def invoke_ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def records() -> list[tuple[np.ndarray, str, dict]]:
+    return [record(7, i, 32) for i in range(300)]
+
+
+def test_generator_is_deterministic(tmp_path: Path):
+    a, b, c = (write_shapes(tmp_path / n, records=40, seed=s) for n, s in [("a", 3), ("b", 3), ("c", 4)])
+    tar = "train/shapes-00000.tar"
+    assert (a / tar).read_bytes() == (b / tar).read_bytes()
+    assert (a / tar).read_bytes() != (c / tar).read_bytes()
+    assert (a / "heldout.jsonl").read_bytes() == (c / "heldout.jsonl").read_bytes()  # the split is fixed
+    # a record does not depend on how many are written
+    img, cap, meta = record(3, 5, 32)
+    with tarfile.open(a / tar) as tf:
+        assert tf.extractfile("shapes-00000005.txt").read().decode() == cap
+        assert json.loads(tf.extractfile("shapes-00000005.json").read()) == meta
+
+
+def test_records_cover_all_tags_and_captions_match_metadata(records):
+    assert {m["tag"] for _, _, m in records} == set(TAGS)
+    for img, cap, meta in records:
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert cap == meta["prompt"]
+        objects = meta["objects"]
+        n = sum(c["count"] for c in meta["include"])
+        assert len(objects) == n  # exactly what the caption asks: no extra objects
+        for clause in meta["include"]:
+            mine = [o for o in objects if o["shape"] == clause["class"]]
+            assert len(mine) == clause["count"]
+            if "color" in clause:
+                assert all(o["colour"] == clause["color"] for o in mine)
+
+
+def test_positions_are_unambiguous(records):
+    positions = [m for _, _, m in records if m["tag"] == "position"]
+    assert len(positions) > 20
+    for meta in positions:
+        ref, obj = meta["include"]
+        relation, _ = obj["position"]
+        box = {o["shape"]: o["box"] for o in meta["objects"]}
+        det = {k: Detection(k, 1.0, tuple(v)) for k, v in box.items()}
+        # exactly the asked relation under GenEval's rule (0.1 margin), no diagonal second one
+        assert relative_position(det[obj["class"]], det[ref["class"]]) == {relation}
+
+
+def test_detector_scores_one_on_ground_truth_and_zero_on_blanks(records):
+    rows = score_images((m, img) for img, _, m in records)
+    per_tag = {t: np.mean([r["correct"] for r in rows if r["tag"] == t]) for t in TAGS}
+    assert per_tag == {t: 1.0 for t in TAGS}, [r for r in rows if not r["correct"]][:3]
+    rng = np.random.default_rng(0)
+    blanks = [np.full((32, 32, 3), v, np.uint8) for v in (128, 0, 255)]
+    blanks.append(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    rows = score_images((m, b) for _, _, m in records[:60] for b in blanks)
+    assert not any(r["correct"] for r in rows)
+
+
+def test_detector_is_exact_at_64px():
+    rows = score_images((m, img) for img, _, m in (record(1, i, 64) for i in range(60)))
+    assert all(r["correct"] for r in rows)
+
+
+def test_heldout_prompts_are_disjoint_from_training(tmp_path: Path):
+    out = write_shapes(tmp_path / "d", records=300, seed=0)
+    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    prompts = {h["prompt"] for h in heldout}
+    assert (out / "heldout.txt").read_text().splitlines() == [h["prompt"] for h in heldout]
+    assert {h["tag"] for h in heldout} == set(TAGS)
+    assert prompts == {caption(s) for s in heldout_specs()}
+    assert not prompts & set(training_captions())  # no caption the generator can write for training
+    with tarfile.open(out / "train/shapes-00000.tar") as tf:
+        seen = {tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")}
+    assert not prompts & seen
+    train_words = {w for c in training_captions() for w in c.split()}
+    for h in heldout:  # GenEval's schema, classes are shapes, and every word was seen in training
+        assert set(h) <= {"tag", "prompt", "include", "exclude"}
+        assert all(c["class"] in SHAPES and c.get("color", "red") in COLOURS for c in h["include"])
+        assert set(h["prompt"].split()) <= train_words
+
+
+def test_shapes_data_command(tmp_path: Path):
+    out = tmp_path / "shapes"
+    assert invoke_ok(["shapes-data", str(out), "--records", "12", "--seed", "1"]) == str(out)
+    assert invoke_ok(["shapes-data", str(out), "--records", "12", "--seed", "1"]) == str(out)  # done: skip
+    result = runner.invoke(app, ["shapes-data", str(out), "--records", "13"])
+    assert result.exit_code == 1 and "other settings" in str(result.exception)
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(out / "train/shapes-00000.tar"), shardshuffle=False))
+    assert len(samples) == 12 and {"png", "txt", "json"} <= set(samples[0])
+
+
+def _tiny(kind: str, out: Path, *extra: str) -> dict:
+    args = ["train-tokenizer", kind, "--out", str(out), "--steps", "3", "--batch-size", "4"]
+    return json.loads(invoke_ok([*args, *extra, "--json"]))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """vae, vq (default 8x8 codes), vq16 (4x4 codes) and t5, trained for 3 steps, saved to disk."""
+    root = tmp_path_factory.mktemp("tok")
+    extra = {"vae": [], "vq": ["--vocab", "64"], "vq16": ["--vocab", "64", "--downsample", "8"], "t5": []}
+    return {k: (root / k, _tiny(k[:2] if k != "vae" else k, root / k, *e)) for k, e in extra.items()}
+
+
+def test_image_tokenizers_save_in_diffusers_format(tokenizers):
+    import torch
+    from diffusers import AutoencoderKL, VQModel
+
+    path, rep = tokenizers["vae"]
+    assert rep["tokens_per_image"] == 16 and rep["latent_grid"] == [8, 8]
+    vae = AutoencoderKL.from_pretrained(path)
+    assert vae.config.scaling_factor == pytest.approx(rep["scaling_factor"])
+    x = torch.zeros(1, 3, 32, 32)
+    assert vae.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+    path, rep = tokenizers["vq"]
+    vq = VQModel.from_pretrained(path)
+    assert rep["tokens_per_image"] == 64 and vq.config.num_vq_embeddings == 64
+    _, _, (_, _, idx) = vq.quantize(vq.encode(x).latents)
+    assert idx.numel() == 64 and 0 <= int(idx.min()) and int(idx.max()) < 64
+    assert 0 < rep["psnr_db"] < 60 and 0 <= rep["geneval_recon"] <= 1
+    assert tokenizers["vq16"][1]["tokens_per_image"] == 16 and tokenizers["vq16"][1]["latent_grid"] == [4, 4]
+
+
+def test_text_encoder_round_trips_captions(tokenizers):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path, rep = tokenizers["t5"]
+    assert rep["unk_tokens"] == 0
+    tok = AutoTokenizer.from_pretrained(path)
+    model = T5EncoderModel.from_pretrained(path)
+    for text in ["a photo of an orange star left of a white cross", "a photo of four triangles"]:
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert len(ids) == len(text.split()) + 1  # every word is one piece, then </s>
+    h = model(**tok(["a photo of a red circle"], return_tensors="pt")).last_hidden_state
+    assert h.shape == (1, 7, 64)
+
+
+def test_data_stages_run_on_shapes_data(tmp_path: Path, tokenizers):
+    from fluid_cli.shards import Artifact
+
+    data = write_shapes(tmp_path / "shapes", records=8, seed=2)
+    tars = str(data / "train" / "*.tar")
+    for name, kind, field, shape in [
+        ("vae", "image-latents", "mean", [4, 8, 8]),
+        ("vq", "image-codes", "codes", [8, 8]),
+    ]:
+        out = tmp_path / name
+        invoke_ok(["tokenize", tars, "--tokenizer", str(tokenizers[name][0]), "--out", str(out),
+                   "--resolution", "32", "--no-flip", "--device", "cpu"])  # fmt: skip
+        art = Artifact.open(out, kind)
+        assert art.num_records == 8 and list(art.fields[field].shape) == shape
+    out = tmp_path / "t5"
+    invoke_ok(
+        ["encode-text", tars, "--encoder", str(tokenizers["t5"][0]), "--out", str(out), "--device", "cpu"]
+    )
+    assert Artifact.open(out, "text-embeddings").num_records == 8
