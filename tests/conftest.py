@@ -19,9 +19,17 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One intra-op thread, here and in every subprocess a test starts: tiny models run faster on one
+# thread, a busy 2-core machine does not thrash, and in-process and subprocess runs add floats in
+# the same order (the resume tests compare them bit for bit).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 TINY_RESOLUTION = 32  # the resolution the tiny image tokenizers are meant for
 
