@@ -201,7 +201,9 @@ def run(s: TrainSetup) -> Path:
                 raise FluidError(
                     f"stopped: {bad_in_row} non-finite steps in a row at step {s.step}; no checkpoint written, last good one: {last}"
                 )
-            if s.step % t.log_every == 0 or s.step == t.steps:
+            stop = _stop_reason(s, pre, run_start)
+            last = s.step == t.steps or stop is not None  # the last step logs, validates and saves
+            if s.step % t.log_every == 0 or last:
                 backend.synchronize(s.device)
                 dt = time.perf_counter() - window_start
                 row = {
@@ -219,21 +221,17 @@ def run(s: TrainSetup) -> Path:
                 window_start, window_images, data_crc = time.perf_counter(), 0, 0
             else:
                 progress.update(s.step, None)
-            if t.val_every and (s.step % t.val_every == 0 or s.step == t.steps):
+            if t.val_every and (s.step % t.val_every == 0 or (last and stop != "preempted")):
                 v = validate(s)
                 if v is not None:
                     _write_metrics(s, {"step": s.step, "val_loss": v})
                     progress.note(f"val_loss {v:.4f}")
-            if (t.ckpt_every and s.step % t.ckpt_every == 0) or s.step == t.steps:
+            if (t.ckpt_every and s.step % t.ckpt_every == 0) or last:
                 if bad_in_row:  # never let a streak of bad steps rotate good checkpoints out
                     log.warning("step %d: not saving during a run of non-finite steps", s.step)
                 else:
                     _save(s, s.step)
-            stop = _stop_reason(s, pre, run_start)
             if stop:
-                latest = ckpt.latest(s.run_dir)
-                if not bad_in_row and (latest is None or latest.name != f"step-{s.step:08d}"):
-                    _save(s, s.step)
                 if stop == "preempted":
                     raise RequeueExit(f"preempted at step {s.step}; checkpoint saved, rerun with --resume")
                 log.info(

@@ -1,0 +1,41 @@
+"""A smoke run of `fluid demo` at a tiny budget: every stage of the pipeline, offline, in CI."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from fluid_cli.cli import app
+
+
+def test_demo_pipeline_smoke(tmp_path):
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--minutes",
+        "0.1",
+        "--records",
+        "256",
+        "--tokenizer-steps",
+        "10",
+        "--steps",
+        "4",
+    ]
+    r = CliRunner().invoke(app, args)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert r.exit_code == 0, r.output
+    report = out / "report.md"
+    assert r.stdout.strip().splitlines()[-1] == str(report)
+    text = report.read_text()
+    assert "shapes-GenEval" in text and "![loss](report/loss.png)" in text
+    for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
+        assert (out / "report" / f"grid-{tag}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores = json.loads((out / "report.json").read_text())["scores"]
+    assert scores["all_tags"] and 0.0 <= scores["overall"] <= 1.0
+    assert scores["images"] == 4 * len((out / "shapes" / "heldout.txt").read_text().splitlines())
+    # a rerun skips every finished stage and rewrites the same report
+    assert CliRunner().invoke(app, args).exit_code == 0
