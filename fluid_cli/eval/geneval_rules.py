@@ -67,17 +67,23 @@ def keep_detections(detections: Sequence[Detection], tag: str) -> dict[str, list
     return {c: sorted(ds, key=lambda d: -float(d.score))[:MAX_OBJECTS] for c, ds in by_class.items()}
 
 
-def relative_position(a: Detection, b: Detection) -> set[str]:
-    """Relations of A to B ("left of", "right of", "above", "below"; image y grows downwards)."""
-    ax0, ay0, ax1, ay1 = (float(v) for v in a.box)
-    bx0, by0, bx1, by1 = (float(v) for v in b.box)
+def position_offsets(a: tuple, b: tuple) -> tuple[float, float]:
+    """GenEval's position rule on boxes (x0, y0, x1, y1): A's centre minus B's, each axis shrunk by
+    POSITION_MARGIN x (A's + B's size on it) and clamped at 0 (so touching or overlapping objects
+    are not "left of" each other), divided by the raw offset's norm. (0, 0): no relation."""
+    ax0, ay0, ax1, ay1 = (float(v) for v in a)
+    bx0, by0, bx1, by1 = (float(v) for v in b)
     offset = np.array([(ax0 + ax1) / 2 - (bx0 + bx1) / 2, (ay0 + ay1) / 2 - (by0 + by1) / 2])
     dims = np.array([abs(ax1 - ax0) + abs(bx1 - bx0), abs(ay1 - ay0) + abs(by1 - by0)])
-    # shrink by the margin so touching or overlapping objects are not "left of" each other
     shrunk = np.maximum(np.abs(offset) - POSITION_MARGIN * dims, 0) * np.sign(offset)
     if np.all(np.abs(shrunk) < NO_RELATION_EPS):
-        return set()
+        return 0.0, 0.0
     dx, dy = shrunk / np.linalg.norm(offset)  # normalised by the raw offset: diagonal pairs get both
+    return float(dx), float(dy)
+
+
+def relations_of_offsets(dx: float, dy: float) -> set[str]:
+    """ "left of" / "right of" / "above" / "below" (image y grows downwards) for offsets past 0.5."""
     rels = set()
     if dx < -0.5:
         rels.add("left of")
@@ -88,6 +94,11 @@ def relative_position(a: Detection, b: Detection) -> set[str]:
     if dy > 0.5:
         rels.add("below")
     return rels
+
+
+def relative_position(a: Detection, b: Detection) -> set[str]:
+    """Relations of A to B ("left of", "right of", "above", "below"; image y grows downwards)."""
+    return relations_of_offsets(*position_offsets(a.box, b.box))
 
 
 def colour_crop(image: Image.Image, det: Detection) -> Image.Image:

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from fluid_cli.eval.geneval_rules import position_offsets, relations_of_offsets
+
 # GenEval's 10 colour names, with RGB values chosen far apart (min pairwise distance ~100) and far
 # from the grey background, so nearest-colour classification survives a blurry decoder.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -32,7 +34,6 @@ BACKGROUND = (128, 128, 128)  # neutral grey: both black and white objects stand
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {s: s + "es" if s.endswith(("s", "x")) else s + "s" for s in SHAPES}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-POSITION_THRESHOLD = 0.1  # GenEval: offsets shrink by 0.1 x (size of A + size of B)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, ends exclusive
 
@@ -112,29 +113,10 @@ def mask_box(mask: np.ndarray, x0: int = 0, y0: int = 0) -> Box:
 
 
 def relation_offsets(a: Box, b: Box) -> tuple[float, float]:
-    """GenEval's position rule: the offset of A's centre from B's, each axis shrunk by 0.1 x (A's +
-    B's size on it) and clamped at 0, divided by the raw offset's norm. (0, 0) if they coincide."""
-    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
-    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
-    dims = np.array([a[2] - a[0] + b[2] - b[0], a[3] - a[1] + b[3] - b[1]], dtype=float)
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return 0.0, 0.0
-    dx, dy = revised / np.linalg.norm(offset)
-    return float(dx), float(dy)
+    """GenEval's position rule (the scorer's own function, so generator and scorer cannot drift)."""
+    return position_offsets(a, b)
 
 
 def relations(a: Box, b: Box) -> set[str]:
     """The relations of A to B that GenEval's rule finds (image y grows downwards)."""
-    dx, dy = relation_offsets(a, b)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    return relations_of_offsets(*position_offsets(a, b))
