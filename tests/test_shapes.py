@@ -186,3 +186,17 @@ def test_data_stages_run_on_shapes_data(tmp_path: Path, tokenizers):
         ["encode-text", tars, "--encoder", str(tokenizers["t5"][0]), "--out", str(out), "--device", "cpu"]
     )
     assert Artifact.open(out, "text-embeddings").num_records == 8
+
+
+def test_shapes_geneval_scores_a_geneval_folder(tmp_path: Path):
+    from PIL import Image
+
+    from fluid_cli.shapes.geneval import score_shapes_folder, write_reference_layout
+
+    root = write_reference_layout(tmp_path / "ref", images_per_prompt=2)
+    result = score_shapes_folder(root)
+    assert result["images"] == 2 * len(heldout_specs()) and result["all_tags"]
+    assert result["overall"] == 1.0 and set(result["tags"].values()) == {1.0}
+    for png in root.glob("*/samples/*.png"):  # a sampler that writes grey squares scores 0
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(png)
+    assert score_shapes_folder(root)["overall"] == 0.0

@@ -7,5 +7,6 @@ with no GPU and no downloads (see docs/shapes.md).
 - detector.py:     the exact rule-based detector (shape, colour, box, mask from pixels)
 - geneval.py:      shapes-GenEval: the detector plugged into GenEval's rules
 - tokenizers.py:   `fluid train-tokenizer vae|vq`: diffusers AutoencoderKL / VQModel
+- quality.py:      PSNR and shapes-GenEval of a tokenizer's reconstructions
 - text_encoder.py: `fluid train-tokenizer t5`: a frozen T5 encoder + SentencePiece tokenizer
 """

@@ -76,3 +76,23 @@ def score_shapes_folder(root: Path) -> dict:
 
     rows = score_folder(Path(root), ShapesDetector(), PixelColourClassifier(), classes=SHAPES)
     return {"metric": "shapes-geneval", **summarize(rows), "images": len(rows), "rows": rows}
+
+
+def write_reference_layout(root: Path, images_per_prompt: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """The held-out prompts in GenEval's layout with ground-truth renders as the samples
+    (<root>/00000/metadata.jsonl, samples/0000.png ...): the reference a model is compared with
+    (it scores 1.0), and a template of the layout that generated samples go into."""
+    import json
+
+    from fluid_cli.shapes.generator import draw, png_bytes
+    from fluid_cli.shapes.prompts import heldout_specs, metadata
+
+    root = Path(root)
+    for p, spec in enumerate(heldout_specs()):
+        folder = root / f"{p:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(metadata(spec)) + "\n")
+        for i in range(images_per_prompt):
+            img, _ = draw(spec, np.random.default_rng([seed, p, i]), size)
+            (folder / "samples" / f"{i:04d}.png").write_bytes(png_bytes(img))
+    return root
