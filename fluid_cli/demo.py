@@ -43,10 +43,10 @@ def _stage(name: str, done: Path, args: list[str], timings: dict) -> None:
 def run_demo(
     out: Path,
     minutes: float = 15.0,
-    records: int = 20000,
+    records: int = 10000,
     size: str = "tiny",
     seed: int = 0,
-    tokenizer_steps: int = 600,
+    tokenizer_steps: int = 3000,
     sample_steps: int = 16,
     cfg: float = 3.0,
 ) -> Path:
