@@ -181,13 +181,12 @@ def inception_extractor(mode: str, given: Path | None, device) -> tuple[FeatureE
 
 
 def resolve_device(name: str):
-    import torch
+    """The device choice of every stage (backend.resolve_device: auto = xla, cuda, mps or cpu)."""
+    import os
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FluidError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
+    from fluid_cli.backend import resolve_device as _resolve
+
+    return _resolve(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def image_features(files: list[Path], extractor: FeatureExtractor, mode: str, device, batch_size: int = 32,

@@ -52,13 +52,12 @@ def _resolve(what: str, name: str, option: str) -> tuple[str, str]:
 
 
 def _device(name: str):
-    import torch
+    """The device choice of every stage (backend.resolve_device)."""
+    import os
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FluidError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
+    from fluid_cli.backend import resolve_device
+
+    return resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _load(what: str, loader, path: str):

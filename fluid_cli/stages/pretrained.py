@@ -180,17 +180,8 @@ def load_text_encoder(p: Pretrained):
 
 
 def pick_device(name: str):
-    """auto = cuda when torch sees one, else cpu. Under torchrun, each process takes cuda:LOCAL_RANK."""
-    import torch
+    """backend.resolve_device (auto = xla, cuda, mps or cpu); under torchrun each process takes its
+    LOCAL_RANK's accelerator."""
+    from fluid_cli.backend import resolve_device
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise FluidError(
-                "--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto"
-            )
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if name == "cpu":
-        return torch.device("cpu")
-    raise FluidError(f"unknown device {name!r}; valid: auto, cpu, cuda")
+    return resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")))
