@@ -130,19 +130,14 @@ class DiffusionHead(nn.Module):
         are moved to target's device; None means torch's default generator for target's device.
         """
         m = self.batch_mul
-        target_r = target.repeat(m, 1)  # (mN, C)
-        cond_r = cond.repeat(m, 1)  # (mN, D)
         weight_r = weight.float().repeat(m)  # (mN,)
-        n = target_r.shape[0]
+        n = target.shape[0] * m
         gen_device = generator.device if generator is not None else target.device
         t = torch.randint(0, self.num_train_steps, (n,), generator=generator, device=gen_device)
-        noise = torch.randn(target_r.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        t, noise = t.to(target.device), noise.to(target.device)
-        terms = self.train_diffusion.training_losses(
-            lambda x, tt: self(x, tt, cond_r), target_r.float(), t, noise
-        )
+        noise = torch.randn((n, target.shape[1]), generator=generator, device=gen_device, dtype=torch.float32)
+        per_token = self.per_token_loss(target, cond, t.to(target.device), noise.to(target.device))
         # MAR: (loss * mask).sum() / mask.sum(); clamp keeps an all-zero weight batch finite.
-        return (terms["loss"] * weight_r).sum() / weight_r.sum().clamp_min(1e-12)
+        return (per_token * weight_r).sum() / weight_r.sum().clamp_min(1e-12)
 
     def per_token_loss(
         self, target: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
