@@ -120,14 +120,23 @@ class FluidModel(nn.Module):
         mask: torch.Tensor | None,  # (B, L) bool, random order: True = hidden behind the mask token
     ) -> torch.Tensor:
         """Backbone outputs z (B, L, W); z[:, i] is the condition for predicting token i."""
+        return self.decode(tokens, self.encode_text(text, text_mask), text_mask, mask)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,  # (B, L, C) or (B, L)
+        ctx: torch.Tensor,  # (B, S, W) aligned text (encode_text), computed once by samplers
+        ctx_mask: torch.Tensor,  # (B, S)
+        mask: torch.Tensor | None,  # (B, L) bool, random order: True = hidden behind the mask token
+    ) -> torch.Tensor:
+        """`hidden` for already aligned text: the full-sequence pass of training and random order."""
         B = tokens.shape[0]
-        ctx = self.encode_text(text, text_mask)
         x = self.embed_tokens(tokens)
         if self.cfg.random_order:
             x = torch.where(mask[..., None], self.special_token.to(x.dtype), x)
         else:  # raster: token i is predicted at position i from tokens < i (shift right)
             x = torch.cat([self.special_token.to(x.dtype).expand(B, 1, -1), x[:, :-1]], dim=1)
-        return self.backbone(x + self.pos, ctx, text_mask, causal=not self.cfg.random_order)
+        return self.backbone(x + self.pos, ctx, ctx_mask, causal=not self.cfg.random_order)
 
     def forward(
         self,

@@ -44,11 +44,9 @@ def random_orders(keys: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, to
 
 
 def _backbone(model: FluidModel, tokens, masked, ctx, ctx_mask, guided: bool) -> torch.Tensor:
-    x = model.embed_tokens(tokens)  # (B, L, W)
-    x = torch.where(masked[..., None], model.special_token.to(x.dtype), x) + model.pos
-    if guided:
-        x = torch.cat([x, x])  # both halves see the same tokens (MAR)
-    return model.backbone(x, ctx, ctx_mask, causal=False)  # ((2)B, L, W)
+    if guided:  # both halves see the same tokens (MAR)
+        tokens, masked = torch.cat([tokens, tokens]), torch.cat([masked, masked])
+    return model.decode(tokens, ctx, ctx_mask, masked)  # ((2)B, L, W)
 
 
 @torch.no_grad()
