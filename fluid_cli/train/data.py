@@ -146,13 +146,23 @@ class PositionSampler:
         self.indices, self.B, self.rank, self.world = indices, batch_size, rank, world
         self.seed, self.step = seed, start_step
         self._perm: tuple[int, torch.Tensor] | None = None
+        self._index = torch.tensor(indices, dtype=torch.int64)
+
+    def records_at(self, first: int, count: int) -> torch.Tensor:
+        """Record indices (count,) int64 at positions [first, first + count): one slice of each
+        epoch's permutation (a batch may straddle two epochs), no per-position Python work."""
+        n, out, pos, end = len(self.indices), [], first, first + count
+        while pos < end:
+            epoch = pos // n
+            stop = min(end, (epoch + 1) * n)
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, epoch_permutation(n, self.seed, epoch))
+            out.append(self._index[self._perm[1][pos % n : pos % n + (stop - pos)]])
+            pos = stop
+        return torch.cat(out)
 
     def record_at(self, pos: int) -> int:
-        n = len(self.indices)
-        epoch = pos // n
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(n, self.seed, epoch))
-        return self.indices[int(self._perm[1][pos % n])]
+        return int(self.records_at(pos, 1)[0])
 
     def positions(self, step: int) -> list[int]:
         per = self.B // self.world
@@ -161,7 +171,8 @@ class PositionSampler:
 
     def __iter__(self):
         while True:
-            yield [(self.record_at(p), p) for p in self.positions(self.step)]
+            pos = self.positions(self.step)
+            yield list(zip(self.records_at(pos[0], len(pos)).tolist(), pos, strict=True))
             self.step += 1
 
 

@@ -137,8 +137,7 @@ def _save(s: TrainSetup, step: int) -> Path | None:
 def _consumed_crc(s: TrainSetup, step: int, crc: int) -> int:
     """Fold the record indices of the whole global batch of `step` into a crc32 (any world size)."""
     sampler, B = s.loader.sampler, s.recipe.train.batch_size
-    records = [sampler.record_at(p) for p in range(step * B, (step + 1) * B)]
-    return zlib.crc32(torch.tensor(records, dtype=torch.int64).numpy().tobytes(), crc)
+    return zlib.crc32(sampler.records_at(step * B, B).numpy().tobytes(), crc)
 
 
 def _emit_row(s: TrainSetup, progress: TrainProgress, row: dict) -> None:
