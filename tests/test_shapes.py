@@ -200,3 +200,29 @@ def test_shapes_geneval_scores_a_geneval_folder(tmp_path: Path):
     for png in root.glob("*/samples/*.png"):  # a sampler that writes grey squares scores 0
         Image.new("RGB", (32, 32), (128, 128, 128)).save(png)
     assert score_shapes_folder(root)["overall"] == 0.0
+
+
+def test_eval_geneval_cli_scores_shapes_prompts(tmp_path: Path):
+    """`fluid eval-geneval --images DIR --prompts heldout.jsonl --detector shapes`: shapes-GenEval
+    through the user-facing command, with a result fit-scaling reads; bad --prompts: one error line."""
+    from PIL import Image
+
+    from fluid_cli.shapes.geneval import write_reference_layout
+    from fluid_cli.shapes.prompts import metadata
+
+    root = write_reference_layout(tmp_path / "ref", images_per_prompt=4)
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps(metadata(s)) + "\n" for s in heldout_specs()))
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    args = ["eval-geneval", "--images", str(root), "--prompts", str(prompts), "--detector", "shapes"]
+    out = json.loads(invoke_ok([*args, "--run", str(run), "--step", "7", "--json"]))
+    assert out["overall"] == 1.0 and out["benchmark"] == "shapes-geneval" and out["complete"]
+    saved = json.loads(next((run / "eval").glob("geneval*.json")).read_text())
+    assert saved["metric"] == "geneval" and saved["step"] == 7 and saved["overall"] == 1.0
+    for png in list(root.glob("0000[0-3]/samples/*.png")):  # blank images for the first four prompts
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(png)
+    assert json.loads(invoke_ok([*args, "--json"]))["overall"] < 1.0
+    (tmp_path / "bad.jsonl").write_text('{"tag": "colors"}\n')
+    result = runner.invoke(app, [*args[:3], "--prompts", str(tmp_path / "bad.jsonl"), "--detector", "shapes"])
+    assert result.exit_code == 1 and "lacks GenEval's fields" in str(result.exception)

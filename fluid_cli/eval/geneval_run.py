@@ -242,10 +242,40 @@ def _versions() -> dict:
     return out
 
 
+SHAPES_DETECTOR = "shapes"  # `--detector shapes`: shapes-GenEval (fluid_cli/shapes/geneval.py)
+
+
+def load_prompts(path: Path) -> list[dict]:
+    """A GenEval-schema metadata file (one JSON object a line with `tag`, `prompt`, `include`)."""
+    if not path.is_file():
+        raise FluidError(
+            f"--prompts {path} does not exist; give a GenEval-schema .jsonl (e.g. shapes-data's heldout.jsonl)"
+        )
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            meta = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FluidError(
+                f"{path}:{n} is not JSON ({e.msg}); one GenEval metadata object a line"
+            ) from None
+        if not isinstance(meta, dict) or not {"tag", "prompt", "include"} <= meta.keys():
+            raise FluidError(f"{path}:{n} lacks GenEval's fields tag, prompt and include")
+        out.append(meta)
+    if not out:
+        raise FluidError(f"--prompts {path} holds no prompts")
+    return out
+
+
 def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | None, run_dir: Path | None = None,
                      detector: str = "", clip: str = "", device: str = "auto", allow_incomplete: bool = False,
-                     step: int | None = None, sample: dict | None = None) -> dict:  # fmt: skip
-    """The stage behind `fluid eval-geneval`: generate (or take --images), check, score, write."""
+                     step: int | None = None, sample: dict | None = None,
+                     prompts: Path | None = None) -> dict:  # fmt: skip
+    """The stage behind `fluid eval-geneval`: generate (or take --images), check, score, write.
+    `prompts`: a GenEval-schema metadata file replacing the 553 prompts; `detector == "shapes"`:
+    shapes-GenEval (the shapes world's detector and pixel colours, its five classes)."""
     import time
 
     from rich.console import Console
@@ -258,7 +288,18 @@ def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | N
         raise FluidError(
             "give a CHECKPOINT to generate images, or --images DIR to score a GenEval folder (not both)"
         )
-    benchmark, classes = R.load_metadata(), R.coco_classes()
+    shapes = detector == SHAPES_DETECTOR
+    benchmark = R.load_metadata() if prompts is None else load_prompts(Path(prompts))
+    if shapes:
+        from fluid_cli.shapes.render import SHAPES
+
+        classes = list(SHAPES)
+        detector, clip = (
+            "py:fluid_cli.shapes.geneval:detector",
+            "py:fluid_cli.shapes.geneval:colour_classifier",
+        )
+    else:
+        classes = R.coco_classes()
     if checkpoint is not None:
         if out is None:
             raise FluidError(
@@ -277,7 +318,8 @@ def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | N
         task = bar.add_task("scoring", total=info["images"])
         rows = score_items(items, det, clf, lambda: bar.advance(task))
     secs = time.perf_counter() - t0
-    result = {"metric": "geneval", **summarize(rows), "step": step if step is not None else made_step,
+    result = {"metric": "geneval", "benchmark": "shapes-geneval" if shapes else "geneval",
+              "prompts": str(prompts) if prompts is not None else "geneval-553", **summarize(rows), "step": step if step is not None else made_step,
               **info, "root": str(root), "detector": det_id, "clip": clf_id,
               "rules": {"threshold": R.THRESHOLD, "counting_threshold": R.COUNTING_THRESHOLD,
                         "max_per_class": R.MAX_OBJECTS, "position_margin": R.POSITION_MARGIN},
