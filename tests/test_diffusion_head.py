@@ -110,6 +110,35 @@ def test_vb_zero_for_true_posterior() -> None:
     assert torch.isfinite(t0).all() and (t0 >= 0).all()
 
 
+def test_v_prediction_matches_eps_prediction() -> None:
+    """A v-predicting network that outputs the true v is, after to_eps, the eps cheat: mse ~ 0 and
+    KL ~ 0, and its sampler step equals the eps sampler's given the same eps."""
+    g = torch.Generator().manual_seed(2)
+    n, c = 64, 16
+    x0, noise = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    t = torch.randint(1, 1000, (n,), generator=g)
+    dv, de = GaussianDiffusion.cosine(1000, "v"), GaussianDiffusion.cosine(1000)
+    fixed_var = -torch.ones(n, c)
+
+    def true_v(x_t: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+        return torch.cat([dv.v_target(x0, tm, noise), fixed_var], dim=1)
+
+    terms = dv.training_losses(true_v, x0, t, noise)
+    assert terms["mse"].max() < 1e-6 and terms["vb"].abs().max() < 1e-4
+    x_t = dv.q_sample(x0, t, noise)
+    eps_out = dv.to_eps(true_v(x_t, t), x_t, t)
+    torch.testing.assert_close(eps_out[:, :c], noise, atol=1e-4, rtol=1e-4)
+    # a wrong v is penalised by its eps error / alpha_bar (the high-noise weighting)
+    wrong = lambda x, tm: torch.cat([dv.v_target(x0, tm, noise) + 0.1, fixed_var], dim=1)  # noqa: E731
+    ab = dv.alphas_cumprod[t].float()
+    torch.testing.assert_close(dv.training_losses(wrong, x0, t, noise)["mse"], torch.full((n,), 0.01))
+    eps_err = ((dv.to_eps(wrong(x_t, t), x_t, t)[:, :c] - noise) ** 2).mean(1)
+    torch.testing.assert_close(eps_err, 0.01 * ab, atol=1e-6, rtol=1e-3)
+    assert de.prediction == "eps" and GaussianDiffusion.respaced(1000, 10, "v").prediction == "v"
+    with pytest.raises(ValueError, match="unknown prediction"):
+        GaussianDiffusion.cosine(10, "x0")
+
+
 def test_vb_gradient_only_into_variance() -> None:
     d = GaussianDiffusion.cosine(1000)
     g = torch.Generator().manual_seed(1)

@@ -69,6 +69,7 @@ class DiffusionHead(nn.Module):
         depth: int = 6,
         num_train_steps: int = 1000,
         batch_mul: int = 4,
+        prediction: str = "eps",
     ) -> None:
         super().__init__()
         self.token_dim, self.cond_dim, self.width, self.depth = token_dim, cond_dim, width, depth
@@ -79,7 +80,7 @@ class DiffusionHead(nn.Module):
         self.blocks = nn.ModuleList(_ResBlock(width) for _ in range(depth))
         self.final = _FinalLayer(width, 2 * token_dim)
         with torch.device("cpu"):  # host-side float64 tables, also when the model is built on meta
-            self.train_diffusion = GaussianDiffusion.cosine(num_train_steps)
+            self.train_diffusion = GaussianDiffusion.cosine(num_train_steps, prediction)
         # Respaced samplers by step count (plain attribute: schedule tables are not parameters).
         self._gen_diffusions: dict[int, GaussianDiffusion] = {}
         self.reset_parameters()
@@ -151,7 +152,9 @@ class DiffusionHead(nn.Module):
 
     def gen_diffusion(self, num_steps: int) -> GaussianDiffusion:
         if num_steps not in self._gen_diffusions:
-            self._gen_diffusions[num_steps] = GaussianDiffusion.respaced(self.num_train_steps, num_steps)
+            self._gen_diffusions[num_steps] = GaussianDiffusion.respaced(
+                self.num_train_steps, num_steps, self.train_diffusion.prediction
+            )
         return self._gen_diffusions[num_steps]
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Owns the noise schedule, the hybrid training loss and the ancestral / DDIM samplers, written from
 the formulas of Improved DDPM (Nichol & Dhariwal 2021) in the configuration MAR's ``DiffLoss`` uses:
-cosine schedule with 1000 training steps, epsilon prediction, learned-range variance
+cosine schedule with 1000 training steps, epsilon prediction (or, as an option, v-prediction),
+learned-range variance
 ("LEARNED_RANGE"), MSE loss plus the variational bound with a frozen mean, no x0 clipping, and
 sampling over an evenly respaced subset of the steps (100 for Fluid).
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+PREDICTIONS = ("eps", "v")  # what the network outputs besides the variance interpolant
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 
@@ -93,7 +95,12 @@ class GaussianDiffusion:
     original training step the network is conditioned on (identity for the training schedule).
     """
 
-    def __init__(self, betas: torch.Tensor, timestep_map: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, betas: torch.Tensor, timestep_map: torch.Tensor | None = None, prediction: str = "eps"
+    ) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         b = betas.detach().to("cpu", torch.float64)
         if b.ndim != 1 or not bool(((b > 0) & (b <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor in (0, 1]")
@@ -125,17 +132,21 @@ class GaussianDiffusion:
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def cosine(cls, num_steps: int = 1000) -> GaussianDiffusion:
-        return cls(cosine_betas(num_steps))
+    def cosine(cls, num_steps: int = 1000, prediction: str = "eps") -> GaussianDiffusion:
+        return cls(cosine_betas(num_steps), prediction=prediction)
 
     @classmethod
-    def respaced(cls, num_train_steps: int = 1000, num_steps: int = 100) -> GaussianDiffusion:
+    def respaced(
+        cls, num_train_steps: int = 1000, num_steps: int = 100, prediction: str = "eps"
+    ) -> GaussianDiffusion:
         """Keep ``num_steps`` evenly spaced steps; new betas keep alphas_cumprod at the kept t."""
         base_ab = torch.cumprod(1.0 - cosine_betas(num_train_steps), dim=0)
         kept = space_timesteps(num_train_steps, num_steps)
         ab = base_ab[kept]
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        return cls(1.0 - ab / ab_prev, timestep_map=torch.tensor(kept, dtype=torch.long))
+        return cls(
+            1.0 - ab / ab_prev, timestep_map=torch.tensor(kept, dtype=torch.long), prediction=prediction
+        )
 
     # ---- indexing helpers -------------------------------------------------------------------------
 
@@ -177,10 +188,31 @@ class GaussianDiffusion:
             - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
+    def v_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ab)·eps - sqrt(1-ab)·x_0 (Salimans & Ho 2022)."""
+        return (
+            self._at("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
+        )
+
+    def to_eps(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's (N, 2C) output with its first C channels as eps, whatever it predicts.
+        v -> eps = sqrt(ab)·v + sqrt(1-ab)·x_t. Affine in the output for a fixed x_t, so guidance
+        mixes v exactly as it would mix eps."""
+        if self.prediction == "eps":
+            return model_out
+        c = x_t.shape[1]
+        eps = (
+            self._at("sqrt_alphas_cumprod", t, x_t) * model_out[:, :c]
+            + self._at("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+        )
+        return torch.cat([eps, model_out[:, c:]], dim=1)
+
     def p_mean_log_variance(
         self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Split (N, 2C) output into eps / v; return (mean, log_var, pred_x0) of p(x_{t-1}|x_t).
+        """Split (N, 2C) output (eps-space: see to_eps) into eps / variance interpolant v; return
+        (mean, log_var, pred_x0) of p(x_{t-1}|x_t).
 
         Learned range: v in [-1, 1] interpolates log-variance between the posterior variance
         (v=-1) and beta_t (v=1). No clipping of pred_x0: latents are not bounded to [-1, 1].
@@ -199,16 +231,19 @@ class GaussianDiffusion:
     def training_losses(
         self, model_fn: ModelFn, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Hybrid loss of IDDPM / DiT / MAR: mse(eps) + vb, both (N,), vb in bits per dim.
+        """Hybrid loss of IDDPM / DiT / MAR: mse + vb, both (N,), vb in bits per dim. The mse is on
+        what the network predicts: eps (MAR), or v (= eps error x 1/alpha_bar, which weights the
+        high-noise steps, where only the condition tells x_0, far more: docs/shapes.md).
 
         ``model_fn(x_t, t_model)`` gets the training step ``timestep_map[t]`` and returns (N, 2C).
-        The vb term sees the eps prediction detached, so it trains only the variance output.
+        The vb term sees the mean prediction detached, so it trains only the variance output.
         """
         x_t = self.q_sample(x_start, t, noise)  # (N, C)
         out = model_fn(x_t, self.model_timesteps(t)).float()  # (N, 2C)
         c = x_start.shape[1]
-        eps = out[:, :c]
-        mse = ((noise - eps) ** 2).flatten(1).mean(dim=1)  # (N,)
+        target = noise if self.prediction == "eps" else self.v_target(x_start, t, noise)
+        mse = ((target - out[:, :c]) ** 2).flatten(1).mean(dim=1)  # (N,)
+        eps = self.to_eps(out, x_t, t)[:, :c]
 
         frozen = torch.cat([eps.detach(), out[:, c:]], dim=1)
         mean, log_var, _ = self.p_mean_log_variance(frozen, x_t, t)
@@ -262,6 +297,7 @@ class GaussianDiffusion:
             out = model_fn(x_in, self.model_timesteps(t_in)).float()
             if cfg_combine is not None:
                 out = cfg_combine(out)  # (N, 2C)
+            out = self.to_eps(out, x, t)
             mean, log_var, pred_x0 = self.p_mean_log_variance(out, x, t)
             if clip_x0:
                 pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
