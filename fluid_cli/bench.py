@@ -100,7 +100,7 @@ def no_input_grad_flops(cfg: ModelConfig) -> int:
     W, f = cfg.width, 2 * cfg.text_len * cfg.text_dim * cfg.width
     if cfg.continuous:
         f += 2 * cfg.num_tokens * cfg.token_channels * W
-        f += cfg.diffusion_batch_mul * cfg.num_tokens * 2 * (cfg.token_channels + FREQ_DIM) * W
+        f += cfg.diffusion_batch_mul * cfg.num_tokens * 2 * (cfg.token_channels + FREQ_DIM) * cfg.head_width
     return f
 
 

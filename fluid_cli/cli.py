@@ -111,7 +111,7 @@ def train_cmd(
         None, help="rand-cont | rand-disc | rast-cont | rast-disc (recipe: model.variant)."
     ),
     size: str | None = typer.Option(
-        None, help="tiny | 166m | 369m | 665m | 1.1b | 3.1b | 10.5b (recipe: model.size)."
+        None, help="tiny | mini | small | 166m | 369m | 665m | 1.1b | 3.1b | 10.5b (recipe: model.size)."
     ),
     image_tokens: Path | None = typer.Option(
         None, "--image-tokens", help="Image-token artifact dir from `fluid tokenize`."
@@ -499,8 +499,9 @@ def eval_geneval_cmd(
     images: Path | None = typer.Option(None, "--images", help="Score an existing GenEval folder (<DIR>/00000/metadata.jsonl, samples/0000.png) from any generator."),
     out: Path | None = typer.Option(None, "--out", help="With CHECKPOINT: the GenEval folder to write."),
     run: Path | None = typer.Option(None, "--run", help="Also write RUN/eval/geneval-step<N>.json (read by `fluid fit-scaling`)."),
-    detector: str = typer.Option("facebook/mask2former-swin-small-coco-instance", "--detector", help="Mask2Former hub id or local dir; or py:MODULE:FUNCTION, a factory FUNCTION(classes) -> detector(image) -> [Detection]."),
+    detector: str = typer.Option("facebook/mask2former-swin-small-coco-instance", "--detector", help="Mask2Former hub id or local dir; py:MODULE:FUNCTION, a factory FUNCTION(classes) -> detector(image) -> [Detection]; or `shapes` (the shapes world's exact detector and pixel colours: shapes-GenEval)."),
     clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip", help="CLIP hub id or local dir; or py:MODULE:FUNCTION, a factory FUNCTION() -> classify(crops, class) -> colours."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="A GenEval-schema metadata .jsonl to use instead of the 553 GenEval prompts (e.g. shapes-data's heldout.jsonl)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score a set with fewer than 553 x 4 images (flagged in the result)."),
     step: int | None = typer.Option(None, "--step", help="Checkpoint step to record (default: from the samples manifest)."),
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -528,7 +529,7 @@ def eval_geneval_cmd(
                 "temperature": temperature}  # fmt: skip
     sample = {"settings": settings, "seed": seed, "batch_size": batch_size, "text_embeddings": text_embeddings,
               "device": device, "weights": weights}  # fmt: skip
-    r = run_eval_geneval(checkpoint, images, out, run, detector, clip, device, allow_incomplete, step, sample)
+    r = run_eval_geneval(checkpoint, images, out, run, detector, clip, device, allow_incomplete, step, sample, prompts)
     if json_out:
         typer.echo(json.dumps(r))
     else:
@@ -608,6 +609,7 @@ def train_tokenizer_cmd(
         0, help="vae/vq: pixels per latent side; 0 = 4 (32 px: VAE 16 tokens, VQ 64 codes; vq 8: 16)."
     ),
     vocab: int = typer.Option(512, help="vq: codebook size."),
+    kl_weight: float | None = typer.Option(None, "--kl-weight", help="vae: KL weight against the summed reconstruction loss (default 1e-6, as SD)."),
     width: int = typer.Option(64, help="t5: d_model (the text states' width)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the training images."),
     threads: int = typer.Option(1, help="torch CPU threads (0: torch's default); small convs gain little from more."),
@@ -626,7 +628,7 @@ def train_tokenizer_cmd(
 
     report = run_train_tokenizer(
         kind, out, threads, size=size, steps=steps, batch_size=batch_size, lr=lr, downsample=downsample,
-        vocab=vocab, width=width, seed=seed,
+        vocab=vocab, width=width, seed=seed, kl_weight=kl_weight,
     )  # fmt: skip
     typer.echo(json.dumps(report) if json_out else str(out))
 

@@ -22,6 +22,9 @@ class ModelSection:
     variant: str = "rand-cont"
     size: str = "tiny"
     diffusion_batch_mul: int = 4  # MAR's default: 4 noise draws per token per step
+    # "eps" as MAR; "v" learns far faster on short CPU runs (docs/shapes.md), paper recipes keep eps
+    head_prediction: str = "eps"
+    head_width: int = 0  # diffusion head width (MAR sizes it apart from the backbone); 0 = backbone width
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: lis
     recipe = _apply(recipe, parse_set(sets), "--set")
     get_variant(recipe.model.variant)
     get_size(recipe.model.size)
+    if recipe.model.head_prediction not in ("eps", "v"):
+        raise FluidError(f"model.head_prediction must be eps or v, not {recipe.model.head_prediction!r}")
     t = recipe.train
     if t.batch_size < 1 or t.steps < 0:
         raise FluidError("train.batch_size must be >= 1 and train.steps >= 0")

@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, synth):
         ),
         (
             ["train", "--size", "2b", "--out", str(tmp_path / "r")],
-            "unknown size '2b'; valid sizes: tiny, 166m",
+            "unknown size '2b'; valid sizes: tiny, mini, small, 166m",
         ),
         (
             [

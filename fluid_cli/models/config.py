@@ -30,6 +30,12 @@ class ModelConfig:
     patch: int = 2  # continuous: latent pixels grouped per token side
     diffusion_steps: int = 1000  # training steps of the per-token diffusion (cosine schedule)
     diffusion_batch_mul: int = 4  # MAR's diffusion_batch_mul: noise draws per token per step
+    head_prediction: str = "eps"  # what the diffusion head predicts: "eps" (MAR) or "v"
+    head_width_override: int = 0  # diffusion head width; 0 = the backbone's width
+
+    @property
+    def head_width(self) -> int:
+        return self.head_width_override or self.width
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +70,7 @@ class ModelConfig:
             mlp_ratio=s.mlp_ratio,
             aligner_depth=s.aligner_depth,
             head_depth=s.head_depth,
+            head_width_override=data.pop("head_width_override", 0) or s.head_width,
             token_grid=tuple(grid),
             token_channels=latent_channels * patch * patch if cont else 0,
             vocab_size=0 if cont else vocab,

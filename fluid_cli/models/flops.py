@@ -24,8 +24,8 @@ def _block_flops(tokens: int, width: int, mlp_ratio: int, ctx: int = 0) -> int:
 
 
 def head_flops_per_token(cfg: ModelConfig) -> int:
-    W, C = cfg.width, cfg.token_channels
-    f = 2 * (C * W + W * W + 256 * W + W * W)  # input proj, cond proj, timestep MLP
+    W, C = cfg.head_width, cfg.token_channels
+    f = 2 * (C * W + cfg.width * W + 256 * W + W * W)  # input proj, cond proj, timestep MLP
     f += cfg.head_depth * 2 * (2 * W * W + 3 * W * W)  # per block: MLP (2 W^2) + adaLN (3 W^2)
     f += 2 * (2 * W * W + W * 2 * C)  # final adaLN + output layer
     return f

@@ -47,10 +47,11 @@ class FluidModel(nn.Module):
             self.head = DiffusionHead(
                 token_dim=cfg.token_channels,
                 cond_dim=W,
-                width=W,
+                width=cfg.head_width,
                 depth=cfg.head_depth,
                 num_train_steps=cfg.diffusion_steps,
                 batch_mul=cfg.diffusion_batch_mul,
+                prediction=cfg.head_prediction,
             )
         # The empty caption's T5 states: the unconditional input for classifier-free guidance. Set
         # from the text artifact at train start and saved with the weights, so sampling needs no data.

@@ -123,6 +123,8 @@ def _build_model(recipe: Recipe, records: PairedRecords) -> tuple[ModelConfig, F
         text_dim=sh.text_dim,
         text_len=sh.text_len,
         diffusion_batch_mul=recipe.model.diffusion_batch_mul,
+        head_prediction=recipe.model.head_prediction,
+        head_width_override=recipe.model.head_width,
     )
     torch.manual_seed(recipe.train.seed)  # weight init is the only use of torch's global RNG
     model = FluidModel(model_cfg)
