@@ -48,6 +48,7 @@ class TokenizerSettings:
     channels: tuple[int, ...] = ()
     latent_channels: int = 4  # VAE latents (4, as SD: grouped 2x2 -> 16-channel tokens); VQ: code dim
     vocab: int = 512  # VQ codebook size
+    kl_weight: float = KL_WEIGHT  # VAE: weight of the KL term against the summed reconstruction loss
     norm_groups: int = 1  # GroupNorm groups; one group of 16 channels (SD: 32 of 128+), not
     # instance norm, which 16 groups of one channel would be and which trained slower here
     steps: int = 3000  # the VQ needs them all: at 2000 steps it had 25.8 dB, at 3000 32.4
@@ -113,12 +114,12 @@ def _reconstruction_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(y, x)
 
 
-def vae_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def vae_loss(model, x: torch.Tensor, kl_weight: float = KL_WEIGHT) -> tuple[torch.Tensor, dict]:
     post = model.encode(x).latent_dist
     y = model.decode(post.sample()).sample
     rec = _reconstruction_loss(x, y)
     kl = post.kl().mean() / x[0].numel()  # per image, on the same per-pixel scale as `rec`
-    return rec + KL_WEIGHT * kl, {"rec": rec.item(), "kl": kl.item()}
+    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
 
 
 class CodeStats:
@@ -181,7 +182,7 @@ def train(model, s: TokenizerSettings, progress=None) -> tuple[object, list[dict
     for step in range(steps):
         x = images(s.seed, step * s.batch_size, s.batch_size, s.size)
         if s.kind == "vae":
-            loss, info = vae_loss(model, x)
+            loss, info = vae_loss(model, x, s.kl_weight)
         else:
             loss, info = vq_loss(model, x, stats, g, step)
         opt.zero_grad(set_to_none=True)
