@@ -226,3 +226,31 @@ def test_eval_geneval_cli_scores_shapes_prompts(tmp_path: Path):
     (tmp_path / "bad.jsonl").write_text('{"tag": "colors"}\n')
     result = runner.invoke(app, [*args[:3], "--prompts", str(tmp_path / "bad.jsonl"), "--detector", "shapes"])
     assert result.exit_code == 1 and "lacks GenEval's fields" in str(result.exception)
+
+
+def test_study_fidelity_measure(tmp_path: Path):
+    """recipes/shapes_study.py's image-quality measure: 1.0 on ground truth, 0 on blank images, and
+    a crisp shape the prompt does not name counts against the image."""
+    import importlib.util
+
+    from PIL import Image
+
+    from fluid_cli.shapes.geneval import write_reference_layout
+
+    spec = importlib.util.spec_from_file_location(
+        "shapes_study", Path(__file__).parents[1] / "recipes" / "shapes_study.py"
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    root = write_reference_layout(tmp_path / "ref", images_per_prompt=2)
+    assert study.shape_fidelity(root)["fidelity"] == 1.0
+    star = next(p for p in sorted(root.glob("*")) if '"star"' in (p / "metadata.jsonl").read_text())
+    prompt = json.loads((star / "metadata.jsonl").read_text())
+    assert {c["class"] for c in prompt["include"]} == {"star"}  # the single-object star prompt
+    swapped = next(p for p in sorted(root.glob("*")) if '"circle"' in (p / "metadata.jsonl").read_text())
+    for png in (star / "samples").glob("*.png"):  # a perfect circle for "a photo of a star"
+        png.write_bytes((next((swapped / "samples").glob("*.png"))).read_bytes())
+    assert study.shape_fidelity(root)["fidelity"] < 1.0
+    for png in root.glob("*/samples/*.png"):
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(png)
+    assert study.shape_fidelity(root)["fidelity"] == 0.0
