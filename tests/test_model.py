@@ -48,6 +48,28 @@ def test_meta_count_equals_real_count():
     assert count_params(cfg) == sum(p.numel() for p in FluidModel(cfg).parameters())
 
 
+def test_head_width_from_registry_or_recipe(tmp_path):
+    """The head's width is the size's (tiny: 128, twice the backbone), a recipe's model.head_width
+    overrides it, the paper sizes keep the backbone's, and checkpoints without the field load as
+    before (the backbone's width)."""
+    from fluid_cli.config import resolve
+    from fluid_cli.errors import FluidError
+
+    cfg = tiny_cfg("rand-cont")
+    assert cfg.width == 64 and cfg.head_width == 128 == FluidModel(cfg).head.width
+    wide = ModelConfig.build("rand-cont", "tiny", token_grid=(4, 4), head_width_override=256)
+    assert FluidModel(wide).head.blocks[0].mlp[0].in_features == 256
+    assert ModelConfig.build("rand-cont", "166m").head_width == 768
+    old = {k: v for k, v in cfg.to_dict().items() if k != "head_width_override"}
+    assert ModelConfig.from_dict(old).head_width == 64
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nhead_width = 256\nhead_prediction = "v"\n')
+    r = resolve(recipe, {}, [])
+    assert (r.model.head_width, r.model.head_prediction) == (256, "v")
+    with pytest.raises(FluidError, match="head_prediction must be eps or v"):
+        resolve(recipe, {}, ["model.head_prediction=x0"])
+
+
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_forward_backward(variant):
     cfg = tiny_cfg(variant)
