@@ -131,17 +131,18 @@ def run_one(out: Path, variant: str, size: str, a: argparse.Namespace) -> dict:
     run = out / "runs" / f"{variant}-{size}"
     kind = "vae" if variant.endswith("cont") else "vq"
     sets = [] if a.steps is None else ["--steps", str(a.steps)]
-    t0 = time.perf_counter()
-    stage(run / "DONE", "train", "--recipe", str(HERE / "shapes-study.toml"), "--variant", variant, "--size", size,
+    t0, done = time.perf_counter(), run / "DONE"
+    stage(done, "train", "--recipe", str(HERE / "shapes-study.toml"), "--variant", variant, "--size", size,
           "--image-tokens", str(out / f"latents-{kind}"), "--text", str(out / "text"), "--out", str(run),
           "--seed", str(a.seed), *sets)  # fmt: skip
-    (run / "DONE").touch()
-    train_s = time.perf_counter() - t0
+    if not done.exists():  # the training time lives in the marker, so a rerun still reports it
+        done.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    train_s = float(done.read_text() or 0)
     gen = run / "geneval"
-    stage(gen / "results.json", "eval-geneval", str(run), "--out", str(gen), "--run", str(run), "--detector", "shapes",
+    stage(gen / "geneval.json", "eval-geneval", str(run), "--out", str(gen), "--run", str(run), "--detector", "shapes",
           "--prompts", str(out / "shapes" / "heldout.jsonl"), "--steps", "16", "--cfg", "3", "--device", "cpu",
           "--batch-size", "64", "--json")  # fmt: skip
-    summary = json.loads((gen / "results.json").read_text()) if (gen / "results.json").is_file() else {}
+    summary = json.loads((gen / "geneval.json").read_text()) if (gen / "geneval.json").is_file() else {}
     fid = shape_fidelity(gen)
     (run / "eval" / "fidelity.json").write_text(json.dumps(fid) + "\n")
     config = json.loads((run / "config.json").read_text())
@@ -161,13 +162,17 @@ def run_one(out: Path, variant: str, size: str, a: argparse.Namespace) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     tags = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-    head = "| variant | size | params | steps | val loss | overall | " + " | ".join(tags) + " | fidelity |\n"
-    head += "|" + "---|" * (8 + len(tags) - 1) + "\n"
+    head = (
+        "| variant | size | params | steps | val loss | overall | "
+        + " | ".join(tags)
+        + " | fidelity | train s |\n"
+    )
+    head += "|" + "---|" * (8 + len(tags)) + "\n"
     lines = [
         f"| {r['variant']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['val_loss']:.4f} | "
         f"{r['geneval']:.3f} | "
         + " | ".join(f"{r['tags'].get(t, float('nan')):.2f}" for t in tags)
-        + f" | {r['fidelity']:.3f} |"
+        + f" | {r['fidelity']:.3f} | {r['train_s']:.0f} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
