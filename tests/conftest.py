@@ -31,6 +31,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every test module starts on one intra-op thread, whatever an earlier module's command set
+    (tiny models on a shared 2-core machine: ~50x faster than two contending threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_RESOLUTION = 32  # the resolution the tiny image tokenizers are meant for
 
 CAPTIONS = [

@@ -11,15 +11,6 @@ from fluid_cli.models.diffusion_head import DiffusionHead
 from fluid_cli.models.gaussian_diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Ops here are tiny: one thread is faster and does not stall when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _noise_fn(seed: int, shape: tuple[int, ...]):
     """Keyed noise: step k always gets the same tensor for a given seed (no global RNG)."""
 

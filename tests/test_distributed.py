@@ -35,16 +35,6 @@ runner = CliRunner()
 STEPS, HALF = 4, 2  # a run of STEPS; interrupted runs save at HALF and resume
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two
-    contending ones (measured: 25 ms vs 1-3 s per tiny step under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")

@@ -36,15 +36,6 @@ LONG = "two cats sleeping on a blue sofa under a clear blue sky"  # over the mod
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Ops here are tiny: one thread is faster and does not stall when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     from fluid_cli.synthetic import write_synthetic
