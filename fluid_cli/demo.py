@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 SAMPLE_RESERVE_S = 120  # sampling + scoring + report, measured ~1 min for the held-out set at tiny size
 
 
-def _run(args: list[str]) -> None:
-    """One stage through the real CLI, its stdout (the output path) sent to stderr."""
+def run_cli(args: list[str]) -> None:
+    """One stage through the real CLI, in-process, its stdout (the output path) sent to stderr.
+    Also used by recipes/shapes_study.py."""
     from fluid_cli.cli import app
 
     log.info("$ fluid %s", " ".join(args))
@@ -36,7 +37,7 @@ def _stage(name: str, done: Path, args: list[str], timings: dict) -> None:
     if done.exists():
         log.info("%s: already done (%s)", name, done)
     else:
-        _run(args)
+        run_cli(args)
     timings[name] = round(time.perf_counter() - t0, 1)
 
 
@@ -90,7 +91,7 @@ def run_demo(
     train_min = max(0.05, (minutes * 60 - elapsed - SAMPLE_RESERVE_S) / 60)  # at least a few steps
     t0 = time.perf_counter()
     if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*/COMMIT")):
-        _run(
+        run_cli(
             [
                 "train",
                 "--recipe",

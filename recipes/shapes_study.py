@@ -19,14 +19,15 @@ samples; FID's Inception weights cannot be had offline and would say little abou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from fluid_cli.demo import run_cli
 from fluid_cli.errors import FluidError
 
 HERE = Path(__file__).resolve().parent
@@ -35,20 +36,11 @@ SIZES = ("tiny", "mini", "small")
 CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting threshold)
 
 
-def fluid(*args: str) -> None:
-    """One stage through the real CLI, in-process; its stdout (the output path) sent to stderr."""
-    from fluid_cli.cli import app
-
-    print("$ fluid " + " ".join(args), file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(sys.stderr):
-        app(list(args), standalone_mode=False)
-
-
 def stage(done: Path, *args: str) -> None:
     if done.exists():
         print(f"done already: {done}", file=sys.stderr)
     else:
-        fluid(*args)
+        run_cli(list(args))
 
 
 def shape_fidelity(root: Path) -> dict:
@@ -83,6 +75,7 @@ def main() -> None:
     ap.add_argument("--tokenizer-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # run_cli logs each `$ fluid ...`
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     data, tok = out / "shapes", out / "tokenizers"
@@ -119,8 +112,8 @@ def main() -> None:
         for variant in a.variants:
             rows.append(run_one(out, variant, size, a))
     if len(set(a.sizes)) >= 3:  # a power law needs three sizes
-        fluid("fit-scaling", *[str(out / "runs" / f"{r['variant']}-{r['size']}") for r in rows],
-              "--out", str(out / "scaling"))  # fmt: skip
+        run_cli(["fit-scaling", *[str(out / "runs" / f"{r['variant']}-{r['size']}") for r in rows],
+              "--out", str(out / "scaling")])  # fmt: skip
     table = {"rows": rows, "minutes": round((time.perf_counter() - t0) / 60, 1)}
     (out / "study.json").write_text(json.dumps(table, indent=1) + "\n")
     (out / "study.md").write_text(markdown(rows))
