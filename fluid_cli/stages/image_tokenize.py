@@ -102,7 +102,14 @@ class ImageTokenizerStage:
         cfg = p.config
         names = ["mean", "std"] if p.class_name == "AutoencoderKL" else ["codes"]
         names += [f"{n}_flip" for n in names] if flip else []
+        if p.patch and resolution % p.patch:
+            raise FluidError(
+                f"--resolution {resolution} is not a multiple of the tokenizer's cell size {p.patch} "
+                "(it encodes each cell alone); pass a multiple of it"
+            )
         common = {"resolution": resolution, "flip": flip, "tokenizer": p.id, "tokenizer_class": p.class_name}
+        if p.patch:
+            common["tokenizer_patch"] = p.patch
         if p.class_name == "AutoencoderKL":
             self.kind = "image-latents"
             c = int(cfg.get("latent_channels", 4))

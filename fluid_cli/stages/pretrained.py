@@ -32,6 +32,7 @@ class Pretrained:
     subfolder: str | None
     class_name: str
     config: dict
+    patch: int = 0  # image tokenizers: cell side each cell is encoded alone at (0: whole image)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -132,7 +133,19 @@ def resolve_image_tokenizer(name: str) -> Pretrained:
         raise FluidError(
             f"{what} {name}: class {cls!r} is not supported; use a diffusers AutoencoderKL or VQModel"
         )
-    return Pretrained(name, subfolder, cls, config)
+    return Pretrained(name, subfolder, cls, config, _patch(name, subfolder))
+
+
+def _patch(name: str, subfolder: str | None) -> int:
+    """The patch-local cell size a shapes tokenizer records in its fluid-tokenizer.json (local
+    directories only: hub tokenizers encode whole images)."""
+    path = Path(name).expanduser() / (subfolder or "") / "fluid-tokenizer.json"
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text()).get("patch") or 0)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise FluidError(f"{path} is not a valid fluid-tokenizer.json ({e}); retrain the tokenizer") from None
 
 
 def resolve_text_encoder(name: str) -> Pretrained:
@@ -162,6 +175,10 @@ def load_image_tokenizer(p: Pretrained):
         model = cls.from_pretrained(p.id, subfolder=p.subfolder, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise _load_error("image tokenizer", p, e) from None
+    if p.patch:
+        from fluid_cli.stages.patch_local import PatchLocal
+
+        model = PatchLocal(model, p.patch)
     return model.eval().requires_grad_(False)
 
 
