@@ -45,6 +45,9 @@ class TrainSection:
     micro_batch_size: int = 0  # per process and forward; 0 = the whole per-process batch
     lr: float = 1e-4
     warmup_steps: int = 100  # the paper: 65K steps linear warmup, then constant
+    # warmup-stable-decay: decay linearly to 0 over this last fraction of the run (of steps, or of
+    # time_limit_min when that ends it first); 0 = the paper's constant LR (its runs are not annealed)
+    decay_fraction: float = 0.0
     weight_decay: float = 0.02
     beta1: float = 0.9
     beta2: float = 0.95

@@ -259,3 +259,22 @@ def test_checkpoints_refuse_nonfinite_and_ignore_partial(tmp_path):
     with pytest.raises(FluidError, match="COMMIT"):
         ckpt.resolve(partial)
     assert ckpt.clean_partial(run) == 1 and not partial.exists()
+
+
+def test_lr_warmup_stable_decay():
+    from fluid_cli.train.optim import lr_at
+
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1) and lr_at(50, 1.0, 10) == 1.0
+    assert lr_at(50, 1.0, 10, progress=0.99) == 1.0  # decay_fraction 0: the paper's constant LR
+    # decay over the last 40%: flat until 60% done, half at 80%, zero at the end
+    assert [lr_at(50, 2.0, 10, p, 0.4) for p in (0.5, 0.6, 0.8, 1.0)] == pytest.approx([2.0, 2.0, 1.0, 0.0])
+    assert lr_at(1, 1.0, 10, 0.9, 0.4) == pytest.approx(0.2 * 0.25)  # warmup and decay multiply
+
+
+def test_decay_falls_linearly_over_the_last_steps(tmp_path, synth):
+    run = tmp_path / "run"
+    r = _train(synth, run, "--steps", "8", "--set", "train.decay_fraction=0.5", "--set", "train.lr=1e-3")
+    assert r.exit_code == 0, r.output
+    lrs = [x["lr"] for x in _metrics(run) if "lr" in x]
+    # step i (0-based) runs at progress i/8: flat through step 4, then 3/4, 1/2, 1/4 of the peak
+    assert lrs[2:] == pytest.approx([1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])

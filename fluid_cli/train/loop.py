@@ -147,19 +147,27 @@ def _emit_row(s: TrainSetup, progress: TrainProgress, row: dict) -> None:
     progress.update(row["step"], row)
 
 
-def _stop_reason(s: TrainSetup, pre: _Preemption, run_start: float) -> str | None:
-    """'preempted' (SIGTERM on any process), 'time' (train.time_limit_min) or None. Under several
-    processes the flags are combined (one tiny all-reduce a step), so every rank stops at the same
-    step and joins the same save: a rank stopping alone would deadlock the others' collectives."""
+def _stop_reason(s: TrainSetup, pre: _Preemption, run_start: float) -> tuple[str | None, float]:
+    """('preempted' (SIGTERM on any process), 'time' (train.time_limit_min) or None, the share of
+    the time limit used, 0 without one). Under several processes both are combined (one tiny
+    all-reduce a step), so every rank stops at the same step and joins the same save (a rank
+    stopping alone would deadlock the others' collectives) and uses the same learning rate."""
     limit = s.recipe.train.time_limit_min
-    flags = [pre.requested_at is not None, bool(limit) and time.monotonic() - run_start > limit * 60]
+    used = (time.monotonic() - run_start) / (limit * 60) if limit else 0.0
+    flags = [float(pre.requested_at is not None), used]
     if s.dist.world > 1:
         import torch.distributed as dist
 
-        t = torch.tensor([float(f) for f in flags], device=s.device)
+        t = torch.tensor(flags, device=s.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flags = [bool(x) for x in t.tolist()]
-    return "preempted" if flags[0] else "time" if flags[1] else None
+        flags = t.tolist()
+    return ("preempted" if flags[0] else "time" if flags[1] >= 1.0 else None), flags[1]
+
+
+def _lr(t, step: int, time_used: float) -> float:
+    """The step's learning rate; a time-limited run decays over the end of whichever of its step
+    count or time limit ends it first (so its LR depends on the machine's speed, as its length does)."""
+    return lr_at(step, t.lr, t.warmup_steps, max(step / t.steps, time_used), t.decay_fraction)
 
 
 def run(s: TrainSetup) -> Path:
@@ -168,14 +176,15 @@ def run(s: TrainSetup) -> Path:
     progress = TrainProgress(t.steps, s.step, enabled=s.dist.main)
     bad_in_row, window_start, window_images = 0, time.perf_counter(), 0
     data_crc = 0  # crc32 of the record indices consumed in the log window (checks exact resume)
-    run_start = time.monotonic()
+    run_start, time_used = time.monotonic(), 0.0
     with _Preemption() as pre, progress:
         for batch in s.loader:
             step = s.step
             if step >= t.steps:
                 break
+            lr = _lr(t, step, time_used)
             for g in s.optimizer.param_groups:
-                g["lr"] = lr_at(step, t.lr, t.warmup_steps)
+                g["lr"] = lr
             norm = _global_normalizer(s, step, t.seed, t.batch_size)
             loss = backend.all_reduce_mean(_step_loss(s, batch, norm, train=True), s.dist) * s.dist.world
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
@@ -200,7 +209,7 @@ def run(s: TrainSetup) -> Path:
                 raise FluidError(
                     f"stopped: {bad_in_row} non-finite steps in a row at step {s.step}; no checkpoint written, last good one: {last}"
                 )
-            stop = _stop_reason(s, pre, run_start)
+            stop, time_used = _stop_reason(s, pre, run_start)
             last = s.step == t.steps or stop is not None  # the last step logs, validates and saves
             if s.step % t.log_every == 0 or last:
                 backend.synchronize(s.device)
@@ -208,7 +217,7 @@ def run(s: TrainSetup) -> Path:
                 row = {
                     "step": s.step,
                     "loss": loss,  # tensors until _emit_row: no host sync here on XLA
-                    "lr": lr_at(step, t.lr, t.warmup_steps),
+                    "lr": lr,
                     "grad_norm": gnorm,
                     "data_crc": data_crc,
                     "images_per_s": window_images / dt,

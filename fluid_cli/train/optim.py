@@ -1,5 +1,6 @@
 """The paper's optimisation recipe: AdamW (0.9, 0.95), weight decay 0.02 except on norms, biases and
-embeddings, linear warmup then a constant learning rate, and an EMA of the weights for evaluation.
+embeddings, linear warmup then a constant learning rate (optionally decayed to zero at the end:
+train.decay_fraction, for short runs), and an EMA of the weights for evaluation.
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ def make_optimizer(
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup over `warmup_steps`, then constant (the paper's schedule)."""
-    if warmup_steps <= 0:
-        return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+def lr_at(
+    step: int, base_lr: float, warmup_steps: int, progress: float = 0.0, decay_fraction: float = 0.0
+) -> float:
+    """Linear warmup over `warmup_steps`, then constant (the paper's schedule); with
+    `decay_fraction` > 0 (warmup-stable-decay), linear decay to zero over the last `decay_fraction`
+    of the run, `progress` (0..1) saying how much of it is done: of train.steps, or of
+    train.time_limit_min for a time-limited run (train/loop.py)."""
+    lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    if decay_fraction > 0 and progress > 1.0 - decay_fraction:
+        lr *= max(0.0, 1.0 - progress) / decay_fraction
+    return lr
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
