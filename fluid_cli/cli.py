@@ -578,7 +578,10 @@ def shapes_data_cmd(
     ),
     records: int = typer.Option(10000, help="Training records (image + caption + GenEval metadata)."),
     seed: int = typer.Option(0, help="Seed: record i is drawn from numpy's Generator seeded (seed, i)."),
-    size: int = typer.Option(32, help="Image side in pixels: 32 (the default: 16 tokens, CPU) or 64."),
+    size: int = typer.Option(64, help="Image side in pixels: 64 (the default) or 32 (free layout only)."),
+    layout: str = typer.Option(
+        "grid", help="grid: one object per cell of a 4x4 grid (one image token each); free: anywhere."
+    ),
 ) -> None:
     """Write the embedded shapes dataset (no downloads). Prints the output dir.
 
@@ -590,7 +593,7 @@ def shapes_data_cmd(
     """
     from fluid_cli.shapes.generator import write_shapes
 
-    typer.echo(str(write_shapes(out, records=records, seed=seed, size=size)))
+    typer.echo(str(write_shapes(out, records=records, seed=seed, size=size, layout=layout)))
 
 
 @app.command("train-tokenizer")
@@ -599,14 +602,18 @@ def train_tokenizer_cmd(
         ..., help="vae (diffusers AutoencoderKL) | vq (diffusers VQModel) | t5 (T5 encoder + SentencePiece)."
     ),
     out: Path = typer.Option(..., "--out", help="Directory written with save_pretrained."),
-    size: int = typer.Option(32, help="vae/vq: image side the tokenizer is trained at (32 | 64)."),
+    size: int = typer.Option(64, help="vae/vq: image side the tokenizer is trained at (64 | 32)."),
+    layout: str = typer.Option("grid", help="vae/vq: the shapes layout it is trained on (grid | free)."),
+    patch: int = typer.Option(
+        0, help="vae/vq: cell side in pixels that is encoded alone; 0 = one grid cell (grid), whole image (free)."
+    ),
     steps: int = typer.Option(
         3000, help="vae/vq: training steps (vae ~2.6, vq ~4.3 CPU-minutes at the defaults)."
     ),
     batch_size: int = typer.Option(4, "--batch-size", help="vae/vq: images per step."),
     lr: float = typer.Option(2e-3, help="vae/vq: peak AdamW learning rate."),
     downsample: int = typer.Option(
-        0, help="vae/vq: pixels per latent side; 0 = 4 (32 px: VAE 16 tokens, VQ 64 codes; vq 8: 16)."
+        0, help="vae/vq: pixels per latent side; 0 = size/8 (64 px: VAE 16 tokens, VQ 64 codes; vq 16: 16)."
     ),
     vocab: int = typer.Option(512, help="vq: codebook size."),
     kl_weight: float | None = typer.Option(None, "--kl-weight", help="vae: KL weight against the summed reconstruction loss (default 1e-6, as SD)."),
@@ -627,7 +634,7 @@ def train_tokenizer_cmd(
     from fluid_cli.shapes.tokenizers import run_train_tokenizer
 
     report = run_train_tokenizer(
-        kind, out, threads, size=size, steps=steps, batch_size=batch_size, lr=lr, downsample=downsample,
+        kind, out, threads, size=size, layout=layout, patch=patch, steps=steps, batch_size=batch_size, lr=lr, downsample=downsample,
         vocab=vocab, width=width, seed=seed, kl_weight=kl_weight,
     )  # fmt: skip
     typer.echo(json.dumps(report) if json_out else str(out))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fluid_cli.cli import app
 from fluid_cli.eval.geneval_rules import Detection, relative_position
-from fluid_cli.shapes.generator import record, write_shapes
+from fluid_cli.shapes.generator import GRID, record, write_shapes
 from fluid_cli.shapes.geneval import score_images
 from fluid_cli.shapes.prompts import TAGS, caption, heldout_specs
 from fluid_cli.shapes.render import COLOURS, SHAPES
@@ -30,7 +30,7 @@ def invoke_ok(args: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def records() -> list[tuple[np.ndarray, str, dict]]:
-    return [record(7, i, 32) for i in range(300)]
+    return [record(7, i, 64) for i in range(300)]  # the default world: 64 px, grid layout
 
 
 def test_generator_is_deterministic(tmp_path: Path):
@@ -40,7 +40,7 @@ def test_generator_is_deterministic(tmp_path: Path):
     assert (a / tar).read_bytes() != (c / tar).read_bytes()
     assert (a / "heldout.jsonl").read_bytes() == (c / "heldout.jsonl").read_bytes()  # the split is fixed
     # a record does not depend on how many are written
-    img, cap, meta = record(3, 5, 32)
+    img, cap, meta = record(3, 5, 64)
     with tarfile.open(a / tar) as tf:
         assert tf.extractfile("shapes-00000005.txt").read().decode() == cap
         assert json.loads(tf.extractfile("shapes-00000005.json").read()) == meta
@@ -49,7 +49,7 @@ def test_generator_is_deterministic(tmp_path: Path):
 def test_records_cover_all_tags_and_captions_match_metadata(records):
     assert {m["tag"] for _, _, m in records} == set(TAGS)
     for img, cap, meta in records:
-        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert cap == meta["prompt"]
         objects = meta["objects"]
         n = sum(c["count"] for c in meta["include"])
@@ -78,15 +78,47 @@ def test_detector_scores_one_on_ground_truth_and_zero_on_blanks(records):
     per_tag = {t: np.mean([r["correct"] for r in rows if r["tag"] == t]) for t in TAGS}
     assert per_tag == {t: 1.0 for t in TAGS}, [r for r in rows if not r["correct"]][:3]
     rng = np.random.default_rng(0)
-    blanks = [np.full((32, 32, 3), v, np.uint8) for v in (128, 0, 255)]
-    blanks.append(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    blanks = [np.full((64, 64, 3), v, np.uint8) for v in (128, 0, 255)]
+    blanks.append(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     rows = score_images((m, b) for _, _, m in records[:60] for b in blanks)
     assert not any(r["correct"] for r in rows)
 
 
-def test_detector_is_exact_at_64px():
-    rows = score_images((m, img) for img, _, m in (record(1, i, 64) for i in range(60)))
-    assert all(r["correct"] for r in rows)
+def test_detector_is_exact_on_the_free_layout():
+    for px in (32, 64):
+        rows = score_images((m, img) for img, _, m in (record(1, i, px, "free") for i in range(60)))
+        assert all(r["correct"] for r in rows)
+
+
+def test_grid_layout_puts_one_object_in_each_used_cell(records):
+    """Every 16 px cell (one image token) is plain background or exactly one object, drawn 12 px
+    wide at the cell's centre: so a token takes one of 1 + 5 shapes x 10 colours values."""
+    from fluid_cli.shapes.render import BACKGROUND
+
+    cell = 64 // GRID
+    kinds = set()
+    for img, _, meta in records:
+        boxes = [o["box"] for o in meta["objects"]]
+        used = {(b[1] // cell, b[0] // cell) for b in boxes}
+        assert len(used) == len(boxes)  # one object per cell
+        for b in boxes:  # the tight box lies inside its cell, 2 px from every edge
+            gx, gy = b[0] // cell, b[1] // cell
+            assert b[2] <= (gx + 1) * cell - 2 and b[3] <= (gy + 1) * cell - 2
+            assert b[0] >= gx * cell + 2 and b[1] >= gy * cell + 2
+        for gy in range(GRID):
+            for gx in range(GRID):
+                patch = img[gy * cell : (gy + 1) * cell, gx * cell : (gx + 1) * cell]
+                plain = (patch == BACKGROUND).all()
+                assert plain != ((gy, gx) in used)
+                kinds.add(patch.tobytes())
+    assert 30 < len(kinds) <= 1 + 5 * 10
+
+
+def test_a_grid_at_32px_is_refused(tmp_path: Path):
+    result = runner.invoke(app, ["shapes-data", str(tmp_path / "d"), "--size", "32"])
+    assert result.exit_code == 1 and "--layout grid needs --size 64" in str(result.exception)
+    assert not (tmp_path / "d").exists()
+    invoke_ok(["shapes-data", str(tmp_path / "f"), "--size", "32", "--layout", "free", "--records", "3"])
 
 
 def test_heldout_prompts_are_disjoint_from_training(tmp_path: Path):
@@ -96,10 +128,14 @@ def test_heldout_prompts_are_disjoint_from_training(tmp_path: Path):
     assert (out / "heldout.txt").read_text().splitlines() == [h["prompt"] for h in heldout]
     assert {h["tag"] for h in heldout} == set(TAGS)
     assert prompts == {caption(s) for s in heldout_specs()}
-    assert not prompts & set(training_captions())  # no caption the generator can write for training
+    # the compositional prompts are never training captions; single_object prompts (one per shape,
+    # no composition) are evaluated on every shape and trained on too
+    single = {h["prompt"] for h in heldout if h["tag"] == "single_object"}
+    assert single == {f"a photo of a {s}" for s in SHAPES} and single <= set(training_captions())
+    assert not (prompts - single) & set(training_captions())
     with tarfile.open(out / "train/shapes-00000.tar") as tf:
         seen = {tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")}
-    assert not prompts & seen
+    assert not (prompts - single) & seen
     train_words = {w for c in training_captions() for w in c.split()}
     for h in heldout:  # GenEval's schema, classes are shapes, and every word was seen in training
         assert set(h) <= {"tag", "prompt", "include", "exclude"}
@@ -128,7 +164,7 @@ def _tiny(kind: str, out: Path, *extra: str) -> dict:
 def tokenizers(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """vae, vq (default 8x8 codes), vq16 (4x4 codes) and t5, trained for 3 steps, saved to disk."""
     root = tmp_path_factory.mktemp("tok")
-    extra = {"vae": [], "vq": ["--vocab", "64"], "vq16": ["--vocab", "64", "--downsample", "8"], "t5": []}
+    extra = {"vae": [], "vq": ["--vocab", "64"], "vq16": ["--vocab", "64", "--downsample", "16"], "t5": []}
     return {k: (root / k, _tiny(k[:2] if k != "vae" else k, root / k, *e)) for k, e in extra.items()}
 
 
@@ -137,16 +173,16 @@ def test_image_tokenizers_save_in_diffusers_format(tokenizers):
     from diffusers import AutoencoderKL, VQModel
 
     path, rep = tokenizers["vae"]
-    assert rep["tokens_per_image"] == 16 and rep["latent_grid"] == [8, 8]
-    vae = AutoencoderKL.from_pretrained(path)
+    assert rep["tokens_per_image"] == 16 and rep["latent_grid"] == [8, 8] and rep["patch"] == 16
+    vae = AutoencoderKL.from_pretrained(path)  # a plain diffusers model, trained on 16 px cells
     assert vae.config.scaling_factor == pytest.approx(rep["scaling_factor"])
-    x = torch.zeros(1, 3, 32, 32)
-    assert vae.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+    x = torch.zeros(1, 3, 16, 16)
+    assert vae.encode(x).latent_dist.mean.shape == (1, 4, 2, 2)
     path, rep = tokenizers["vq"]
     vq = VQModel.from_pretrained(path)
     assert rep["tokens_per_image"] == 64 and vq.config.num_vq_embeddings == 64
     _, _, (_, _, idx) = vq.quantize(vq.encode(x).latents)
-    assert idx.numel() == 64 and 0 <= int(idx.min()) and int(idx.max()) < 64
+    assert idx.numel() == 4 and 0 <= int(idx.min()) and int(idx.max()) < 64
     assert 0 < rep["psnr_db"] < 60 and 0 <= rep["geneval_recon"] <= 1
     assert tokenizers["vq16"][1]["tokens_per_image"] == 16 and tokenizers["vq16"][1]["latent_grid"] == [4, 4]
 
@@ -178,7 +214,7 @@ def test_data_stages_run_on_shapes_data(tmp_path: Path, tokenizers):
     ]:
         out = tmp_path / name
         invoke_ok(["tokenize", tars, "--tokenizer", str(tokenizers[name][0]), "--out", str(out),
-                   "--resolution", "32", "--no-flip", "--device", "cpu"])  # fmt: skip
+                   "--resolution", "64", "--no-flip", "--device", "cpu"])  # fmt: skip
         art = Artifact.open(out, kind)
         assert art.num_records == 8 and list(art.fields[field].shape) == shape
     out = tmp_path / "t5"

@@ -29,6 +29,9 @@ from fluid_cli.shapes.render import COLOURS, Box, Obj, mask_box, relation_offset
 log = logging.getLogger(__name__)
 
 SIZES = (32, 64)
+LAYOUTS = ("grid", "free")
+GRID = 4  # grid layout: the image is GRID x GRID cells, one per image token of the 16-token tokenizers
+CELL_FILL = 0.75  # grid layout: an object spans 3/4 of its cell, centred (12 px of a 16 px cell)
 RECORDS_PER_TAR = 1000
 # position records keep the asked relation well past GenEval's 0.5 and the other axis well below
 # it, so the relation stays unambiguous even if a decoder blurs a box edge by a pixel
@@ -89,24 +92,48 @@ def place(
     raise RuntimeError(f"could not place {shapes} in {px}px")  # does not happen at 32 or 64 px
 
 
-def draw(spec: Spec, rng: np.random.Generator, px: int) -> tuple[np.ndarray, list[Obj]]:
+def place_grid(
+    rng: np.random.Generator, shapes: list[str], px: int, relation: str | None = None
+) -> list[tuple[Box, Box]]:
+    """The grid layout: each shape alone in its own cell of a GRID x GRID grid, drawn CELL_FILL of
+    the cell wide at its centre, cells drawn at random (for position: until shapes[0] is clearly
+    `relation` of shapes[1]). Cells match the 16-token tokenizers' patches, so every image token is
+    either plain background or one whole object, and takes one of few values (docs/shapes.md)."""
+    cell = px // GRID
+    s = round(CELL_FILL * cell)
+    pad = (cell - s) // 2
+    for _ in range(200):
+        cells = rng.choice(GRID * GRID, size=len(shapes), replace=False)
+        boxes = []
+        for shape, c in zip(shapes, cells, strict=True):
+            x0, y0 = int(c % GRID) * cell + pad, int(c // GRID) * cell + pad
+            ex = _extent(shape, s)
+            boxes.append(((x0, y0, x0 + s, y0 + s), (x0 + ex[0], y0 + ex[1], x0 + ex[2], y0 + ex[3])))
+        if relation is None or _clear_relation(boxes[0][1], boxes[1][1], relation):
+            return boxes
+    raise RuntimeError(f"could not place {shapes} in {px}px")  # does not happen: 16 cells, <= 4 shapes
+
+
+def draw(
+    spec: Spec, rng: np.random.Generator, px: int, layout: str = "grid"
+) -> tuple[np.ndarray, list[Obj]]:
     """An image that satisfies `spec` exactly: named colours as asked, the others at random.
     Returns the objects with their tight boxes."""
     shapes = list(spec.shapes) * spec.count if spec.tag == "counting" else list(spec.shapes)
-    boxes = place(rng, shapes, px, spec.relation)
+    boxes = (place_grid if layout == "grid" else place)(rng, shapes, px, spec.relation)
     named = spec.colours or (None,) * len(shapes)
     colours = [c or COLOURS[int(rng.integers(len(COLOURS)))] for c in named]
     drawn = [Obj(sh, c, d) for sh, c, (d, _) in zip(shapes, colours, boxes, strict=True)]
     return render(drawn, px), [Obj(o.shape, o.colour, t) for o, (_, t) in zip(drawn, boxes, strict=True)]
 
 
-def record(seed: int, index: int, px: int) -> tuple[np.ndarray, str, dict]:
+def record(seed: int, index: int, px: int, layout: str = "grid") -> tuple[np.ndarray, str, dict]:
     """(image, caption, metadata with ground-truth objects) of record `index`."""
     rng = np.random.default_rng([seed, index])
     tag = TAGS[int(rng.integers(len(TAGS)))]
     options = train_specs(tag)
     spec = options[int(rng.integers(len(options)))]
-    img, objects = draw(spec, rng, px)
+    img, objects = draw(spec, rng, px, layout)
     meta = {**metadata(spec), "objects": [o.to_json() for o in objects], "size": px}
     return img, caption(spec), meta
 
@@ -125,11 +152,11 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_tar(path: Path, seed: int, indices: range, px: int) -> None:
+def write_tar(path: Path, seed: int, indices: range, px: int, layout: str = "grid") -> None:
     tmp = path.with_suffix(".tar.tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
         for i in indices:
-            img, cap, meta = record(seed, i, px)
+            img, cap, meta = record(seed, i, px, layout)
             key = f"shapes-{i:08d}"
             _add(tf, f"{key}.png", png_bytes(img))
             _add(tf, f"{key}.txt", cap.encode())
@@ -145,15 +172,29 @@ def write_heldout(out: Path) -> None:
     (out / "heldout.txt").write_text("\n".join(caption(s) for s in specs) + "\n")
 
 
-def write_shapes(out: Path, records: int = 20000, seed: int = 0, size: int = 32) -> Path:
-    """The `fluid shapes-data` stage: OUT/train/shapes-NNNNN.tar, OUT/heldout.{jsonl,txt} and
-    OUT/info.json (written last: its presence means the dataset is complete)."""
+def check_world(size: int, layout: str) -> None:
+    """FluidError unless (size, layout) is a shapes world that exists."""
     if size not in SIZES:
         raise FluidError(f"--size {size} is not supported; valid: {', '.join(map(str, SIZES))}")
+    if layout not in LAYOUTS:
+        raise FluidError(f"--layout {layout!r} is not supported; valid: {', '.join(LAYOUTS)}")
+    if layout == "grid" and size < 64:
+        raise FluidError(
+            f"--layout grid needs --size 64 (at {size} px a cell of {size // GRID} px is too small to "
+            "tell a circle from a square); use --size 64 or --layout free"
+        )
+
+
+def write_shapes(
+    out: Path, records: int = 20000, seed: int = 0, size: int = 64, layout: str = "grid"
+) -> Path:
+    """The `fluid shapes-data` stage: OUT/train/shapes-NNNNN.tar, OUT/heldout.{jsonl,txt} and
+    OUT/info.json (written last: its presence means the dataset is complete)."""
+    check_world(size, layout)
     if records < 1:
         raise FluidError(f"--records must be at least 1 (got {records})")
     out = Path(out)
-    info = {"kind": "shapes", "records": records, "seed": seed, "size": size, "tags": list(TAGS)}
+    info = {"kind": "shapes", "records": records, "seed": seed, "size": size, "layout": layout, "tags": list(TAGS)}
     info_path = out / "info.json"
     if info_path.is_file():
         old = json.loads(info_path.read_text())
@@ -165,7 +206,7 @@ def write_shapes(out: Path, records: int = 20000, seed: int = 0, size: int = 32)
     tars = []
     for n, start in enumerate(range(0, records, RECORDS_PER_TAR)):
         path = out / "train" / f"shapes-{n:05d}.tar"
-        write_tar(path, seed, range(start, min(start + RECORDS_PER_TAR, records)), size)
+        write_tar(path, seed, range(start, min(start + RECORDS_PER_TAR, records)), size, layout)
         tars.append(path.name)
         log.info("wrote %s", path)
     write_heldout(out)

@@ -78,7 +78,9 @@ def score_shapes_folder(root: Path) -> dict:
     return {"metric": "shapes-geneval", **summarize(rows), "images": len(rows), "rows": rows}
 
 
-def write_reference_layout(root: Path, images_per_prompt: int = 4, size: int = 32, seed: int = 0) -> Path:
+def write_reference_layout(
+    root: Path, images_per_prompt: int = 4, size: int = 64, seed: int = 0, layout: str = "grid"
+) -> Path:
     """The held-out prompts in GenEval's layout with ground-truth renders as the samples
     (<root>/00000/metadata.jsonl, samples/0000.png ...): the reference a model is compared with
     (it scores 1.0), and a template of the layout that generated samples go into."""
@@ -93,6 +95,6 @@ def write_reference_layout(root: Path, images_per_prompt: int = 4, size: int = 3
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(metadata(spec)) + "\n")
         for i in range(images_per_prompt):
-            img, _ = draw(spec, np.random.default_rng([seed, p, i]), size)
+            img, _ = draw(spec, np.random.default_rng([seed, p, i]), size, layout)
             (folder / "samples" / f"{i:04d}.png").write_bytes(png_bytes(img))
     return root

@@ -5,12 +5,14 @@ GenEval's own templates ("a photo of two stars", "a photo of a red circle left o
 ...) and `metadata(spec)` gives GenEval's JSON schema (`tag`, `prompt`, `include`, `exclude`).
 
 The held-out split is fixed (it does not depend on the data seed), so every dataset and every run
-is scored on the same prompts, none of whose captions appears in training. Per tag it holds out:
-one shape's single-object prompt; five (count, shape) pairs; three unordered shape pairs (both
+is scored on the same prompts. Per tag it holds out: five (count, shape) pairs; three unordered shape pairs (both
 orders); ten (colour, shape) pairs, one per colour and two per shape, everywhere a colour is named
 (`colors`, and any `color_attr` caption naming one); and per unordered shape pair one spatial
 configuration in both phrasings ("A left of B" and "B right of A"). Every word still occurs in
-training, so the held-out set measures composition, as GenEval does. Used by `fluid shapes-data`.
+training, so the held-out set measures composition, as GenEval does. The single_object prompts
+are no composition (GenEval's "a photo of a dog" is surely in any training set): all five are
+trained on and all five are evaluated, so that tag is scored on every shape. Used by
+`fluid shapes-data`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,6 @@ def metadata(s: Spec) -> dict:
 
 # ---- the fixed held-out split ------------------------------------------------------------------
 
-HELDOUT_SINGLE = {"star"}
 HELDOUT_COUNTS = {(2 + i % 3, shape) for i, shape in enumerate(SHAPES)}
 HELDOUT_PAIRS = {frozenset(p) for p in [("circle", "triangle"), ("square", "star"), ("triangle", "cross")]}
 # colour k with shape 3k mod 5: each colour once, each shape twice
@@ -102,7 +103,7 @@ def heldout_relation(a: str, b: str) -> str:
 def is_heldout(s: Spec) -> bool:
     """Whether a spec's caption belongs to the held-out split."""
     if s.tag == "single_object":
-        return s.shapes[0] in HELDOUT_SINGLE
+        return False  # evaluated on every shape, trained on every shape (see the module doc)
     if s.tag == "counting":
         return (s.count, s.shapes[0]) in HELDOUT_COUNTS
     if s.tag == "two_object":
@@ -140,11 +141,12 @@ def train_specs(tag: str) -> tuple[Spec, ...]:
 
 
 def heldout_specs(color_attr: int = 20) -> list[Spec]:
-    """The held-out prompts, in tag order. `color_attr`: how many of the color_attr prompts whose
-    two (colour, shape) pairs are both held out to keep (every k-th, deterministic)."""
+    """The evaluation prompts, in tag order: every single_object prompt, and the held-out prompts
+    of the other tags. `color_attr`: how many of the color_attr prompts whose two (colour, shape)
+    pairs are both held out to keep (every k-th, deterministic)."""
     out: list[Spec] = []
     for tag in TAGS:
-        specs = [s for s in all_specs(tag) if is_heldout(s)]
+        specs = [s for s in all_specs(tag) if is_heldout(s) or tag == "single_object"]
         if tag == "color_attr":
             both = [
                 s for s in specs if all(p in HELDOUT_COLOURED for p in zip(s.colours, s.shapes, strict=True))

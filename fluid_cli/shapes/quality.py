@@ -34,11 +34,28 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 60.0)
 
 
-def evaluate(model, size: int, n: int = 256, batch: int = 64) -> tuple[dict, np.ndarray]:
+def tokenizer_ceiling(tokenizer: str, seed: int, size: int, layout: str, n: int = 300, batch: int = 50) -> dict:
+    """shapes-GenEval of the tokenizer's reconstructions of n training images (records 0..n-1 of
+    the dataset's seed), encoded and decoded as `fluid tokenize` / `fluid sample` do (latent means,
+    patch-local if the tokenizer is): the best score any generator could reach through it. The
+    same shape as the summary of the generated images (overall, tags, counts)."""
+    from fluid_cli.eval.geneval_run import summarize
+    from fluid_cli.shapes.geneval import score_images
+    from fluid_cli.stages import pretrained as pt
+
+    model = pt.load_image_tokenizer(pt.resolve_image_tokenizer(tokenizer))
+    recs = [record(seed, i, size, layout) for i in range(n)]
+    x = torch.from_numpy(np.stack([r[0] for r in recs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
+    rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
+    return {"metric": "shapes-geneval", **summarize(rows), "images": n, "psnr_db": float(psnr(np.stack([r[0] for r in recs]), recon).mean())}
+
+
+def evaluate(model, size: int, layout: str = "grid", n: int = 256, batch: int = 64) -> tuple[dict, np.ndarray]:
     """PSNR and shapes-GenEval of reconstructions of n held-out images (seed EVAL_SEED)."""
     from fluid_cli.shapes.geneval import score_images
 
-    recs = [record(EVAL_SEED, i, size) for i in range(n)]
+    recs = [record(EVAL_SEED, i, size, layout) for i in range(n)]
     originals = np.stack([r[0] for r in recs])
     x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
