@@ -607,11 +607,11 @@ def train_tokenizer_cmd(
     patch: int = typer.Option(
         0, help="vae/vq: cell side in pixels that is encoded alone; 0 = one grid cell (grid), whole image (free)."
     ),
-    steps: int = typer.Option(
-        3000, help="vae/vq: training steps (vae ~2.6, vq ~4.3 CPU-minutes at the defaults)."
+    steps: int | None = typer.Option(
+        None, help="vae/vq: training steps (default 800: ~3 CPU-minutes for the grid world's vae; free layout: 3000)."
     ),
-    batch_size: int = typer.Option(4, "--batch-size", help="vae/vq: images per step."),
-    lr: float = typer.Option(2e-3, help="vae/vq: peak AdamW learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."),
+    lr: float | None = typer.Option(None, help="vae/vq: peak AdamW learning rate (default 3e-3; free layout: 2e-3)."),
     downsample: int = typer.Option(
         0, help="vae/vq: pixels per latent side; 0 = size/8 (64 px: VAE 16 tokens, VQ 64 codes; vq 16: 16)."
     ),
@@ -646,7 +646,7 @@ def demo_cmd(
     minutes: float = typer.Option(15.0, "--minutes", help="Time budget for the whole pipeline; training gets what is left."),
     records: int = typer.Option(10000, "--records", help="Training images of the shapes dataset."),
     size: str = typer.Option("tiny", "--size", help="Registry size of the rand-cont model."),
-    tokenizer_steps: int = typer.Option(3000, "--tokenizer-steps", help="Training steps of the shapes VAE (3000: 31 dB PSNR, docs/shapes.md)."),
+    tokenizer_steps: int | None = typer.Option(None, "--tokenizer-steps", help="Training steps of the shapes VAE (default: train-tokenizer's, 800; docs/shapes.md)."),
     sample_steps: int = typer.Option(16, "--steps", help="K, random-order sampling steps (at most the 16 tokens)."),
     cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale for the samples."),
     seed: int = typer.Option(0, help="Seed of the data, the tokenizers and the model."),

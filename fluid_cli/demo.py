@@ -20,6 +20,11 @@ from fluid_cli.errors import FluidError
 
 log = logging.getLogger(__name__)
 SAMPLE_RESERVE_S = 120  # sampling + scoring + report, measured ~1 min for the held-out set at tiny size
+IMAGE_SIZE, LAYOUT = 64, "grid"  # the shapes world the demo draws (docs/shapes.md)
+# images per evaluation prompt: the smallest tags (single_object, counting) have 5 prompts, so
+# 5 images each gives every tag at least 25 images (GenEval's own 4 gave single_object 4 here)
+IMAGES_PER_PROMPT = 5
+CEILING_IMAGES = 300  # training images whose reconstructions give the tokenizer ceiling
 
 
 def run_cli(args: list[str]) -> None:
@@ -32,13 +37,34 @@ def run_cli(args: list[str]) -> None:
         app(args, standalone_mode=False)
 
 
-def _stage(name: str, done: Path, args: list[str], timings: dict) -> None:
-    t0 = time.perf_counter()
+class _Clock:
+    """Stage timings against the demo's budget, logged as each stage ends, so the progress a user
+    watches says how much of the budget is used and what is left."""
+
+    def __init__(self, minutes: float):
+        self.start, self.budget_s, self.timings = time.perf_counter(), minutes * 60, {}
+        self._lap = self.start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._lap, 1)
+        self._lap = now
+        log.info(
+            "demo: %s took %.0f s; %.1f of %.1f min used, %.1f left",
+            name, self.timings[name], self.elapsed() / 60, self.budget_s / 60,
+            max(0.0, self.budget_s - self.elapsed()) / 60,
+        )  # fmt: skip
+
+
+def _stage(name: str, done: Path, args: list[str], clock: _Clock) -> None:
     if done.exists():
         log.info("%s: already done (%s)", name, done)
     else:
         run_cli(args)
-    timings[name] = round(time.perf_counter() - t0, 1)
+    clock.lap(name)
 
 
 def run_demo(
@@ -47,49 +73,51 @@ def run_demo(
     records: int = 10000,
     size: str = "tiny",
     seed: int = 0,
-    tokenizer_steps: int = 3000,
+    tokenizer_steps: int | None = None,
     sample_steps: int = 16,
     cfg: float = 3.0,
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    start, timings = time.perf_counter(), {}
+    clock = _Clock(minutes)
     data, vae, t5 = out / "shapes", out / "tokenizers" / "vae", out / "tokenizers" / "t5"
     latents, text, run = out / "latents", out / "text", out / "run"
     _stage(
         "shapes-data",
         data / "info.json",
-        ["shapes-data", str(data), "--records", str(records), "--seed", str(seed)],
-        timings,
+        ["shapes-data", str(data), "--records", str(records), "--seed", str(seed),
+         "--size", str(IMAGE_SIZE), "--layout", LAYOUT],  # fmt: skip
+        clock,
     )
     _stage(
         "train-tokenizer vae",
         vae / "fluid-tokenizer.json",
-        ["train-tokenizer", "vae", "--out", str(vae), "--steps", str(tokenizer_steps), "--seed", str(seed)],
-        timings,
+        ["train-tokenizer", "vae", "--out", str(vae), "--seed", str(seed), "--size", str(IMAGE_SIZE),
+         "--layout", LAYOUT, *(["--steps", str(tokenizer_steps)] if tokenizer_steps else [])],  # fmt: skip
+        clock,
     )
     _stage(
         "train-tokenizer t5",
         t5 / "config.json",
         ["train-tokenizer", "t5", "--out", str(t5), "--seed", str(seed)],
-        timings,
+        clock,
     )
     tars = str(data / "train" / "shapes-*.tar")
     _stage(
         "tokenize",
         latents / "manifest.json",
-        ["tokenize", tars, "--tokenizer", str(vae), "--resolution", "32", "--no-flip", "--out", str(latents)],
-        timings,
+        ["tokenize", tars, "--tokenizer", str(vae), "--resolution", str(IMAGE_SIZE), "--no-flip",
+         "--out", str(latents)],  # fmt: skip
+        clock,
     )
     _stage(
         "encode-text",
         text / "manifest.json",
         ["encode-text", tars, "--encoder", str(t5), "--out", str(text)],
-        timings,
+        clock,
     )
-    elapsed = time.perf_counter() - start
-    train_min = max(0.05, (minutes * 60 - elapsed - SAMPLE_RESERVE_S) / 60)  # at least a few steps
-    t0 = time.perf_counter()
+    train_min = max(0.05, (clock.budget_s - clock.elapsed() - SAMPLE_RESERVE_S) / 60)  # a few steps at least
+    log.info("demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, SAMPLE_RESERVE_S)
     if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*/COMMIT")):
         run_cli(
             [
@@ -110,14 +138,14 @@ def run_demo(
                 f"train.time_limit_min={train_min:.2f}",
             ]
         )
-    timings["train"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
+    clock.lap("train")
     result = _geneval(run, data, out / "geneval", sample_steps, cfg)
-    timings["sample + shapes-GenEval"] = round(time.perf_counter() - t0, 1)
+    clock.lap("sample + shapes-GenEval")
+    ceiling = _ceiling(vae, out / "geneval" / "tokenizer-ceiling.json", seed)
+    clock.lap("tokenizer ceiling")
     from fluid_cli.demo_report import write_report
 
-    report = write_report(out, run, data, result, timings, time.perf_counter() - start)
-    return report
+    return write_report(out, run, data, result, ceiling, clock.timings, clock.elapsed())
 
 
 def _recipe() -> Path:
@@ -135,9 +163,20 @@ def _geneval(run: Path, data: Path, root: Path, steps: int, cfg: float) -> dict:
         raise FluidError(f"{data / 'heldout.jsonl'} holds no prompts; delete {data} and rerun the demo")
     sample = {"settings": {"steps": steps, "cfg": cfg}, "batch_size": 64, "device": "cpu", "seed": 0}
     with contextlib.redirect_stdout(sys.stderr):
-        generate(run, root, bench, sample)
+        generate(run, root, bench, sample, images_per_prompt=IMAGES_PER_PROMPT)
     result = score_shapes_folder(root)
     (root / "shapes-geneval.json").write_text(
         json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1) + "\n"
     )
+    return result
+
+
+def _ceiling(vae: Path, path: Path, seed: int) -> dict:
+    """The tokenizer ceiling (shapes/quality.py), computed once and kept beside the scores."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    from fluid_cli.shapes.quality import tokenizer_ceiling
+
+    result = tokenizer_ceiling(str(vae), seed, IMAGE_SIZE, LAYOUT, n=CEILING_IMAGES)
+    path.write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -1,5 +1,6 @@
-"""The `fluid demo` report: report.md with the shapes-GenEval scores, an image grid per tag, the loss
-curve and the time each stage took (matplotlib Agg, no display needed)."""
+"""The `fluid demo` report: report.md with the shapes-GenEval scores next to the tokenizer's
+ceiling, an image grid per tag, the loss curve and the time each stage took (matplotlib Agg, no
+display needed); report.json holds the same numbers."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 
 from PIL import Image
 
-GOALS = {"single_object": 0.9, "overall": 0.5}  # issue 5's goals for rand-cont in the demo budget
+GOALS = {"single_object": 0.9, "overall": 0.5}  # the demo's goals for rand-cont in its 15-minute budget
 
 
-def _grid(paths: list[list[Path]], scale: int = 3, pad: int = 2) -> Image.Image:
-    """Rows = prompts, columns = that prompt's images, upscaled with nearest (32px is small)."""
+def _grid(paths: list[list[Path]], scale: int = 0, pad: int = 2) -> Image.Image:
+    """Rows = prompts, columns = that prompt's images, upscaled with nearest to ~128 px (0: auto)."""
     first = Image.open(paths[0][0])
+    scale = scale or max(1, 128 // first.size[0])
     w, h = first.size[0] * scale, first.size[1] * scale
     cols = max(len(r) for r in paths)
     sheet = Image.new("RGB", (cols * (w + pad) + pad, len(paths) * (h + pad) + pad), (255, 255, 255))
@@ -61,7 +63,11 @@ def _tag_grids(result: dict, root: Path, img_dir: Path, per_tag: int = 6) -> dic
     return out
 
 
-def write_report(out: Path, run: Path, data: Path, result: dict, timings: dict, total_s: float) -> Path:
+def write_report(
+    out: Path, run: Path, data: Path, result: dict, ceiling: dict, timings: dict, total_s: float
+) -> Path:
+    """report.md and report.json in `out`; `ceiling` is the tokenizer ceiling (same shape as the
+    scores: shapes/quality.tokenizer_ceiling)."""
     img_dir = out / "report"
     img_dir.mkdir(exist_ok=True)
     _loss_plot(run, img_dir / "loss.png")
@@ -75,15 +81,21 @@ def write_report(out: Path, run: Path, data: Path, result: dict, timings: dict, 
         f"{cfg['model']['num_tokens'] if 'num_tokens' in cfg['model'] else cfg['model']['token_grid'][0] * cfg['model']['token_grid'][1]} "
         f"tokens per image. VAE reconstruction PSNR {tok['psnr_db']:.2f} dB. Total {total_s / 60:.1f} min.",
         "",
-        "## shapes-GenEval (held-out prompts, 4 images each)",
+        f"## shapes-GenEval ({result['images']} images of the evaluation prompts)",
         "",
-        "| tag | score | goal |",
-        "|---|---|---|",
+        "Tokenizer ceiling: what the detector scores on the tokenizer's reconstructions of "
+        f"{ceiling['images']} training images, the best any generator could reach through it.",
+        "",
+        "| tag | images | score | tokenizer ceiling | goal |",
+        "|---|---|---|---|---|",
     ]
+    counts, ceil_tags = result.get("counts", {}), {**ceiling["tags"], "overall": ceiling["overall"]}
     for tag, score in {**result["tags"], "overall": result["overall"]}.items():
         goal = GOALS.get(tag)
         mark = "" if goal is None else f">= {goal} {'(met)' if score >= goal else '(not met)'}"
-        lines.append(f"| {tag} | {score:.3f} | {mark} |")
+        n = counts.get(tag, {}).get("images", result["images"])
+        top = ceil_tags.get(tag)
+        lines.append(f"| {tag} | {n} | {score:.3f} | {'' if top is None else f'{top:.3f}'} | {mark} |")
     lines += ["", "## Loss", "", "![loss](report/loss.png)", "", "## Samples per tag", ""]
     for tag, (name, prompts) in grids.items():
         lines += [
@@ -102,6 +114,7 @@ def write_report(out: Path, run: Path, data: Path, result: dict, timings: dict, 
         json.dumps(
             {
                 "scores": {k: v for k, v in result.items() if k != "rows"},
+                "tokenizer_ceiling": ceiling,
                 "timings": timings,
                 "total_s": total_s,
             },

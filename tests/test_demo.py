@@ -34,8 +34,14 @@ def test_demo_pipeline_smoke(tmp_path):
     assert "shapes-GenEval" in text and "![loss](report/loss.png)" in text
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert (out / "report" / f"grid-{tag}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    scores = json.loads((out / "report.json").read_text())["scores"]
+    report_json = json.loads((out / "report.json").read_text())
+    scores, ceiling = report_json["scores"], report_json["tokenizer_ceiling"]
     assert scores["all_tags"] and 0.0 <= scores["overall"] <= 1.0
-    assert scores["images"] == 4 * len((out / "shapes" / "heldout.txt").read_text().splitlines())
+    assert scores["images"] == 5 * len((out / "shapes" / "heldout.txt").read_text().splitlines())
+    assert min(c["images"] for c in scores["counts"].values()) >= 25  # every tag, single_object too
+    # the ceiling: the detector on the tokenizer's reconstructions, in the scores' shape
+    assert set(ceiling["tags"]) == set(scores["tags"]) and ceiling["images"] == 300
+    assert 0.0 <= ceiling["overall"] <= 1.0 and ceiling["all_tags"]
+    assert "tokenizer ceiling" in text
     # a rerun skips every finished stage and rewrites the same report
     assert CliRunner().invoke(app, args).exit_code == 0

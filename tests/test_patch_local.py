@@ -67,3 +67,15 @@ def test_loader_wraps_a_tokenizer_that_records_its_cell(tmp_path):
     assert p.patch == 16 and isinstance(model, PatchLocal) and model.config.latent_channels == 4
     with pytest.raises(ValueError, match="multiple"):
         model.encode(torch.zeros(1, 3, 24, 24))
+
+
+def test_identical_cells_are_encoded_once_with_the_same_result():
+    """Deduplicated encoding equals encoding every cell (to float rounding: the batch differs)."""
+    vae = _tiny_vae()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x[:, :, 16:, :] = 0.25  # four identical plain cells
+    x[1, :, :16, :16] = x[0, :, :16, :16]  # and one repeated across images
+    with torch.no_grad():
+        got = PatchLocal(vae, 16).encode(x).latent_dist
+        want = unfold(vae.encode(fold(x, 2)).latent_dist.parameters, 2)
+    assert torch.allclose(got.parameters, want, rtol=1e-5, atol=1e-6)

@@ -166,8 +166,11 @@ def write_layout(root: Path, benchmark: list[dict], stage: Path) -> int | None:
     return steps.pop() if len(steps) == 1 else None
 
 
-def generate(checkpoint: Path, root: Path, benchmark: list[dict], sample: dict) -> int | None:
-    """Generate 4 images per prompt with the sampler (resumable) and lay them out; returns the step."""
+def generate(
+    checkpoint: Path, root: Path, benchmark: list[dict], sample: dict, images_per_prompt: int = IMAGES_PER_PROMPT
+) -> int | None:
+    """Generate images_per_prompt (GenEval: 4) images per prompt with the sampler (resumable) and
+    lay them out; returns the step."""
     try:
         from fluid_cli.sampling import SampleSettings
         from fluid_cli.sampling.run import run_sample
@@ -185,7 +188,7 @@ def generate(checkpoint: Path, root: Path, benchmark: list[dict], sample: dict) 
         stage,
         prompts_file=str(prompts),
         settings=settings,
-        images_per_prompt=IMAGES_PER_PROMPT,
+        images_per_prompt=images_per_prompt,
         **sample,
     )
     return write_layout(Path(root), benchmark, stage)
