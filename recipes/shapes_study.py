@@ -5,7 +5,8 @@
 
 Every stage is a `fluid` command (run in-process, as `fluid demo` does), and a rerun skips what is
 done, so an interrupted study resumes. Stages:
-  shapes-data -> train-tokenizer vae, vq (16 tokens each: VAE 8x8x4 grouped 2x2, VQ 4x4 codes) + t5
+  shapes-data -> train-tokenizer vae, vq (16 tokens each, one per 16 px cell of the 64 px grid
+  world: VAE 8x8x4 grouped 2x2, VQ 4x4 codes) + t5
   -> tokenize (both tokenizers) -> encode-text
   -> per (variant, size): train (recipes/shapes-study.toml) -> eval-geneval --detector shapes on
      the held-out prompts (written to RUN/eval/ for fit-scaling) -> shape fidelity of the samples
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES))
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's train.steps")
     ap.add_argument("--records", type=int, default=10000)
-    ap.add_argument("--tokenizer-steps", type=int, default=3000)
+    ap.add_argument("--tokenizer-steps", type=int, default=None, help="default: train-tokenizer's")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # run_cli logs each `$ fluid ...`
@@ -82,22 +83,15 @@ def main() -> None:
     tars = str(data / "train" / "shapes-*.tar")
     t0 = time.perf_counter()
     stage(data / "info.json", "shapes-data", str(data), "--records", str(a.records), "--seed", str(a.seed))
-    steps = str(a.tokenizer_steps)
-    stage(
-        tok / "vae" / "fluid-tokenizer.json",
-        "train-tokenizer",
-        "vae",
-        "--out",
-        str(tok / "vae"),
-        "--steps",
-        steps,
-    )
-    stage(tok / "vq" / "fluid-tokenizer.json", "train-tokenizer", "vq", "--out", str(tok / "vq"), "--steps", steps,
-          "--downsample", "8")  # fmt: skip
+    steps = ["--steps", str(a.tokenizer_steps)] if a.tokenizer_steps else []
+    stage(tok / "vae" / "fluid-tokenizer.json", "train-tokenizer", "vae", "--out", str(tok / "vae"), *steps)
+    # one code per 16 px cell: 16 tokens, as the VAE's 16
+    stage(tok / "vq" / "fluid-tokenizer.json", "train-tokenizer", "vq", "--out", str(tok / "vq"), *steps,
+          "--downsample", "16")  # fmt: skip
     stage(tok / "t5" / "config.json", "train-tokenizer", "t5", "--out", str(tok / "t5"))
     for kind in ("vae", "vq"):
         stage(out / f"latents-{kind}" / "manifest.json", "tokenize", tars, "--tokenizer", str(tok / kind),
-              "--resolution", "32", "--no-flip", "--out", str(out / f"latents-{kind}"))  # fmt: skip
+              "--resolution", "64", "--no-flip", "--out", str(out / f"latents-{kind}"))  # fmt: skip
     stage(
         out / "text" / "manifest.json",
         "encode-text",

@@ -527,3 +527,26 @@ def test_train_runs_on_stage_outputs(wds_outputs, tmp_path):
     run_ok([*args.split(), "--steps", "3", "--batch-size", "4"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("step") == 3 for r in rows)
+
+
+def test_repeated_captions_are_encoded_once_with_the_same_states(tiny_t5_dir):
+    from fluid_cli.stages import pretrained as pt
+    from fluid_cli.stages.text_encode import TextEncoderStage
+
+    stage = TextEncoderStage(pt.resolve_text_encoder(str(tiny_t5_dir)), 16, 4, "cpu", check_images=False)
+    captions = ["a red cube", "two cats on a sofa", "a red cube", "a dog", "a red cube"]
+    calls = []
+    forward = stage.encode.__func__
+
+    def counting(self, caps):
+        calls.append(list(caps))
+        return forward(self, caps)
+
+    stage.encode = counting.__get__(stage)
+    states, counts = stage.encode(captions)
+    assert calls[-1] == ["a red cube", "two cats on a sofa", "a dog"]  # the model saw each once
+    assert torch.equal(states[0], states[2]) and torch.equal(states[0], states[4])
+    assert states[0].data_ptr() != states[2].data_ptr()  # separate tensors: safe to store apart
+    alone, _ = forward(stage, ["a dog"])
+    assert torch.allclose(states[3].float(), alone[0].float(), atol=1e-2)  # bf16, another batch
+    assert counts[0] == counts[2] == counts[4]

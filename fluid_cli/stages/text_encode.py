@@ -61,7 +61,14 @@ class TextEncoderStage:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-        """Per caption: hidden states (len, D) bf16 on the CPU, and its untruncated token count."""
+        """Per caption: hidden states (len, D) bf16 on the CPU, and its untruncated token count.
+        A caption that occurs several times is encoded once (the shapes world's 10K records hold
+        ~1.3K distinct captions; a web crawl's repeats, "image", "untitled", ... likewise)."""
+        distinct = list(dict.fromkeys(captions))
+        if len(distinct) < len(captions):
+            states, counted = self.encode(distinct)
+            at = {c: i for i, c in enumerate(distinct)}
+            return [states[at[c]].clone() for c in captions], [counted[at[c]] for c in captions]
         self.prepare()
         tok, model = self._tokenizer, self._model
         counts = [len(ids) for ids in tok(captions, truncation=False)["input_ids"]]
