@@ -636,8 +636,7 @@ def eval_fid_cmd(
     _existing(images, "IMAGES", folder=True)
     _existing(ref_images, "--ref-images", folder=True)
     _existing(ref_list, "--ref-list", folder=False)
-    _existing(run, "--run", folder=True)
-    _existing(inception, "--inception")
+    _writable_dir(run, "--run")
     if not make_ref:
         _existing(ref, "--ref")
     _writable_file(out)
@@ -684,7 +683,7 @@ def eval_geneval_cmd(
     _finite(0.0, cfg=cfg, temperature=temperature)
     _existing(images, "--images", folder=True)
     _existing(prompts, "--prompts", folder=False)
-    _existing(run, "--run", folder=True)
+    _writable_dir(run, "--run")
     _existing(text_embeddings, "--text-embeddings", folder=True)
     _writable_dir(out)
     import json

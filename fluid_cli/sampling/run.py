@@ -99,9 +99,23 @@ def read_manifest(out: Path, identity: dict) -> set[tuple[int, int]]:
                 f"{out} already holds samples made with other {', '.join(diff)} ({path}:{no}); "
                 "use a new --out, or the same settings to continue"
             )
-        if (out / row["file"]).is_file():
+        if _decodes(out / row["file"]):
             done.add((int(row["prompt_index"]), int(row["image_index"])))
+        elif (out / row["file"]).is_file():
+            log.warning("%s does not decode (damaged); it is made again", out / row["file"])
     return done
+
+
+def _decodes(path: Path) -> bool:
+    """The PNG exists and decodes completely (a rerun must not count a truncated file as done)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -195,6 +209,7 @@ def run_sample(
     if settings.clip_x0 is None:  # the data's latent range, recorded by `fluid train` (0: none recorded)
         settings = replace(settings, clip_x0=float(config["data"].get("latent_abs_max") or 0.0))
     check_settings(settings, mcfg, batch_size, images_per_prompt)
+    ckpt.check_weights(ckpt_dir, weights)  # a damaged checkpoint is named now, not after text encoding
     prompts, bad = read_prompts(prompts_file, prompt_args)
     dist = backend.init_distributed(device)
     dev = backend.resolve_device(device, dist.local_rank)

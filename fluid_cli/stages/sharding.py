@@ -86,7 +86,11 @@ def _check_plan(out_dir: Path, settings: dict) -> None:
             for k in sorted(old.keys() | settings.keys())
             if old.get(k) != settings.get(k)
         ]
-        if diff:
+        started = (out_dir / MANIFEST).is_file() or any(out_dir.glob("shard-*.safetensors"))
+        if diff and not started:  # a start that failed before its first shard: nothing to mix up
+            log.info("%s: no shard written yet; its plan is replaced (%s)", out_dir, "; ".join(diff))
+            atomic_write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
+        elif diff:
             raise FluidError(
                 f"{out_dir} was started with other settings ({'; '.join(diff)}); "
                 "use another --out, or delete it to start over"
