@@ -41,7 +41,8 @@ def _need(ok: bool, message: str) -> None:
 def _at_least(low: int | float, **options) -> None:
     """_at_least(1, batch_size=b): '--batch-size must be at least 1, got 0' (None: not given)."""
     for name, value in options.items():
-        _need(value is None or value >= low, f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        flag = f"--{name.replace('_', '-')}"
+        _need(value is None or value >= low, f"{flag} must be at least {low}, got {value}")
 
 
 def _finite(low: float | None = None, high: float | None = None, **options) -> None:
@@ -64,7 +65,10 @@ def _writable_dir(path: Path | None, option: str = "--out") -> None:
     if path is None:
         return
     path = Path(path)
-    _need(not path.exists() or path.is_dir(), f"{option} {path} is a file, not a folder; pass a new path or an existing folder")
+    _need(
+        not path.exists() or path.is_dir(),
+        f"{option} {path} is a file, not a folder; pass a new path or an existing folder",
+    )
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -74,7 +78,9 @@ def _writable_dir(path: Path | None, option: str = "--out") -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise FluidError(f"{option} {path}: cannot write in {probe} ({e.strerror}); choose a writable place") from None
+        raise FluidError(
+            f"{option} {path}: cannot write in {probe} ({e.strerror}); choose a writable place"
+        ) from None
 
 
 def _writable_file(path: Path | None, option: str = "--out") -> None:
@@ -286,6 +292,31 @@ def train_cmd(
     out_dir = loop.run(s)
     if s.dist.main:  # under torchrun, one line on stdout for pipelines
         typer.echo(str(out_dir))
+
+
+@app.command("verify")
+def verify_cmd(
+    artifacts: list[Path] = typer.Argument(
+        ..., help="Artifact dirs (with manifest.json), or a folder holding several (e.g. a synth-data OUT)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per artifact."),
+) -> None:
+    """Check artifacts against their manifests: every shard's header, size and sha256 (recomputed).
+
+    Prints one line per artifact (shards, records, MB hashed, MB/s); a damaged shard is one error line
+    naming it and its record range (exit 1). Verified shards are recorded (ARTIFACT/verified.json), so
+    `fluid train` does not hash them again. What is checked when: docs/reliability.md.
+    """
+    import json
+
+    from fluid_cli.shards import verify_paths
+
+    for r in verify_paths(list(artifacts)):
+        if json_out:
+            typer.echo(json.dumps(r))
+        else:
+            typer.echo(f"ok {r['artifact']}: {r['shards']} shards, {r['records']} records, "
+                       f"{r['bytes'] / 1e6:.1f} MB sha256 in {r['seconds']:.2f} s")  # fmt: skip
 
 
 @app.command("synth-data")
@@ -562,6 +593,7 @@ def sample_cmd(
     _at_least(0, top_k=top_k)
     _finite(0.0, cfg=cfg, temperature=temperature, clip_x0=clip_x0)
     _need(prompts is not None or prompt, "give --prompts FILE or at least one --prompt")
+    _need(weights in ("ema", "model"), f"--weights {weights!r} is not one of ema, model")
     _existing(prompts, "--prompts", folder=False)
     _existing(text_embeddings, "--text-embeddings", folder=True)
     _writable_dir(out)

@@ -62,8 +62,7 @@ def describe(exc: BaseException, command: str = "") -> str:
         return f"{what}{where}: {exc.strerror or type(exc).__name__}; {advice}"
     if isinstance(exc, UnicodeDecodeError):
         return (
-            f"{what}: a text file is not UTF-8 ({exc.reason} at byte {exc.start}); "
-            "save it as UTF-8 and rerun"
+            f"{what}: a text file is not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8 and rerun"
         )
     if isinstance(exc, json.JSONDecodeError):
         return f"{what}: a JSON file is invalid ({exc.msg} at line {exc.lineno} column {exc.colno}); fix or re-create it"

@@ -83,7 +83,13 @@ def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
     except (OSError, ValueError, KeyError, EOFError) as e:
         # numpy's message for a non-archive suggests loading it with pickles: never pass that on
-        why = "not a numpy .npz archive" if "pickle" in str(e) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = (
+            "not a numpy .npz archive"
+            if "pickle" in str(e)
+            else str(e).splitlines()[0]
+            if str(e)
+            else type(e).__name__
+        )
         raise FluidError(
             f"{path} is not a stats file (.npz with mu and sigma): {why}; give a stats .npz written by "
             "`fluid eval-fid --make-ref` (or clean-fid), or a folder of real images"

@@ -49,13 +49,17 @@ def check_metadata(meta: object, where: str) -> dict:
         raise FluidError(f"{where} is not a JSON object; one GenEval metadata object a line")
     for key in ("include", "exclude"):
         reqs = meta.get(key, [])
-        if not isinstance(reqs, list) or not all(isinstance(r, dict) and isinstance(r.get("class"), str) for r in reqs):
+        if not isinstance(reqs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("class"), str) for r in reqs
+        ):
             raise FluidError(
                 f"{where}: `{key}` must be a list of objects with a `class` (e.g. "
                 '[{"class": "dog", "count": 1}]), got ' + json.dumps(reqs)[:80]
             )
         for r in reqs:
-            if "count" in r and (not isinstance(r["count"], int) or isinstance(r["count"], bool) or r["count"] < 1):
+            if "count" in r and (
+                not isinstance(r["count"], int) or isinstance(r["count"], bool) or r["count"] < 1
+            ):
                 raise FluidError(f"{where}: `{key}` count must be a positive integer, got {r['count']!r}")
     return meta
 

@@ -95,9 +95,13 @@ def _eval_results(run_dir: Path) -> list[dict[str, Any]]:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise FluidError(f"{path}: {rec['metric']} is {value!r}, not a number; re-run the eval command") from None
+            raise FluidError(
+                f"{path}: {rec['metric']} is {value!r}, not a number; re-run the eval command"
+            ) from None
         if not math.isfinite(value):
-            raise FluidError(f"{path}: {rec['metric']} is {value}, not a finite number; re-run the eval command")
+            raise FluidError(
+                f"{path}: {rec['metric']} is {value}, not a finite number; re-run the eval command"
+            )
         out.append({"metric": rec["metric"], "value": value, "step": rec.get("step"), "path": path})
     return out
 
@@ -170,7 +174,9 @@ def _num(value: Any, col: str, where: str, kind: type = float) -> Any:
     except (TypeError, ValueError):
         raise FluidError(f"{where}: column {col} holds {value!r}, not a number; fix the table") from None
     if math.isnan(x):
-        log.warning("%s: column %s is NaN (a diverged run?); the row is left out of the %s fits", where, col, col)
+        log.warning(
+            "%s: column %s is NaN (a diverged run?); the row is left out of the %s fits", where, col, col
+        )
         return None
     if math.isinf(x):
         raise FluidError(

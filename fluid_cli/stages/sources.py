@@ -317,7 +317,11 @@ def _prompt_lines(path: str) -> list[str | None]:
 def _prompt_entries(path: str, lines: list[str | None]):
     for no, line in enumerate(lines, start=1):
         if line is None:
-            yield f"prompt-{no:06d}", f"{path}:{no}", _file_loader(None, None, "not valid UTF-8 (save the file as UTF-8)")
+            yield (
+                f"prompt-{no:06d}",
+                f"{path}:{no}",
+                _file_loader(None, None, "not valid UTF-8 (save the file as UTF-8)"),
+            )
         elif line.strip():  # blank lines are layout, not records; keys keep true line numbers
             yield f"prompt-{no:06d}", f"{path}:{no}", _file_loader(None, line.strip())
 

@@ -197,7 +197,9 @@ def load_config(ckpt: Path) -> dict:
             "use another checkpoint of the run (checkpoints/step-*)"
         ) from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise FluidError(f"{path} has no model section: not a fluid checkpoint config; use another checkpoint")
+        raise FluidError(
+            f"{path} has no model section: not a fluid checkpoint config; use another checkpoint"
+        )
     return config
 
 
