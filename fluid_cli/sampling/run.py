@@ -31,7 +31,7 @@ from fluid_cli.sampling import SampleSettings, generate, num_steps
 from fluid_cli.sampling.common import DISCRETE_ORDERS, HEAD_TOKENS, SAMPLERS
 from fluid_cli.sampling.decode import ImageDecoder, embed_from_artifact, embed_live, text_batch
 from fluid_cli.sampling.prompts import read_prompts
-from fluid_cli.sampling.schedule import CFG_SCHEDULES
+from fluid_cli.sampling.schedule import CFG_SCHEDULES, mask_schedule
 from fluid_cli.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ def check_settings(s: SampleSettings, mcfg: ModelConfig, batch_size: int, images
             problems.append(f"{name} {value!r} is not one of {', '.join(valid)}")
     if problems:
         raise FluidError("; ".join(problems))
+
+
+def steps_used(mcfg: ModelConfig, s: SampleSettings) -> int:
+    """Backbone passes per image: the random-order steps that predict at least one token (K > L
+    leaves some empty), or one per token for raster. Recorded as `steps_used` in samples.jsonl."""
+    if not mcfg.random_order:
+        return mcfg.num_tokens
+    counts = mask_schedule(mcfg.num_tokens, s.steps)
+    return sum(1 for a, b in zip(counts[:-1], counts[1:], strict=True) if a > b)
 
 
 def load_model(checkpoint: str | Path, weights: str, device: torch.device) -> tuple[FluidModel, dict]:
@@ -174,9 +183,11 @@ class _Progress:
     def step(self) -> None:
         self.p.advance(self.steps)
 
+    def batch_start(self) -> None:  # reset here, not after a batch: the last batch ends at K/K
+        self.p.reset(self.steps)
+
     def batch_done(self, n: int) -> None:
         self.p.advance(self.images, n)
-        self.p.reset(self.steps)
 
 
 def _embeddings(prompts, text_embeddings, config, mcfg, device):
@@ -258,6 +269,10 @@ def _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, confi
     decoder = ImageDecoder(config["data"]["image_tokens"], mcfg, dev)
     amp = backend.autocast_dtype(dev)
     progress = _Progress(len(pending), num_steps(model, settings), dist.main)
+    used = steps_used(mcfg, settings)
+    if mcfg.random_order and settings.steps > used:
+        log.warning("--steps %d: the model has %d tokens, so %d steps predict tokens (the rest change nothing)",
+                    settings.steps, mcfg.num_tokens, used)  # fmt: skip
     written = 0
     with progress.p:
         for a in range(0, len(pending), batch_size):
@@ -265,6 +280,7 @@ def _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, confi
             text, mask = text_batch([states[p.index] for p, _ in chunk], mcfg.text_len, dev)
             idx = torch.tensor([[p.index, i] for p, i in chunk], dtype=torch.int64)
             keys = kr.make_keys(identity["seed"], idx[:, 0], idx[:, 1]).to(dev)
+            progress.batch_start()
             with backend.autocast(dev, amp):
                 tokens = generate(model, text, mask, keys, settings, on_step=progress.step)
             images = decoder(tokens)
@@ -272,7 +288,7 @@ def _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, confi
                 name = image_name(p.index, i)
                 write_png(out / name, image)
                 append_line(out / MANIFEST, {"file": name, "prompt": p.text, "prompt_index": p.index,
-                                             "image_index": i, **identity})  # fmt: skip
+                                             "image_index": i, **identity, "steps_used": used})  # fmt: skip
             written += len(chunk)
             progress.batch_done(len(chunk))
     return written
