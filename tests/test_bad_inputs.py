@@ -347,9 +347,13 @@ CASES = [
         "--images-dir",
     ),
     ("tokenize-tokenizer-missing", lambda c: _tokenize(c), "vae"),
-    ("encode-text-max-length-0", lambda c: _encode(c, "--max-length", "0"), "--max-length must be at least 1"),
     (
-        "encode-records-per-shard-0",
+        "encode-text-max-length-0",
+        lambda c: _encode(c, "--max-length", "0"),
+        "--max-length must be at least 1",
+    ),
+    (
+        "encode-text-records-per-shard-0",
         lambda c: _encode(c, "--records-per-shard", "0"),
         "--records-per-shard must be at least 1",
     ),
@@ -566,6 +570,8 @@ def test_sample_rerun_remakes_a_truncated_png(shared, tmp_path, capsys):
     code, out, err = run_main([*argv, "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["written"] == 1 and "does not decode" in err
+    rows = [json.loads(x) for x in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
+    assert {r["steps_used"] for r in rows} == {2}
     assert {p.name: p.read_bytes() for p in pngs} == good
 
 
@@ -617,3 +623,15 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["synth-data", str(tmp_path / "s")], capsys)
     assert_one_error_line(code, err, "synth-data interrupted; rerun the same command", exit_code=130)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_steps_used_is_what_the_sampler_does():
+    from types import SimpleNamespace
+
+    from fluid_cli.sampling import SampleSettings
+    from fluid_cli.sampling.run import steps_used
+
+    rand = SimpleNamespace(random_order=True, num_tokens=16)
+    assert steps_used(rand, SampleSettings(steps=99)) == 16  # K > L: the rest predict nothing
+    assert steps_used(rand, SampleSettings(steps=8)) == 8
+    assert steps_used(SimpleNamespace(random_order=False, num_tokens=16), SampleSettings(steps=99)) == 16
