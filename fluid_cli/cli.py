@@ -122,7 +122,12 @@ def _command_name(argv: list[str]) -> str:
     return " ".join(words) or "fluid"
 
 
+_MAIN_PID: int | None = None
+
+
 def _on_sigint(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked DataLoader worker: the default, which torch handles quietly
+        raise KeyboardInterrupt
     raise Interrupted()
 
 
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     the traceback instead."""
     import signal
 
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     _setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_name(argv)
