@@ -758,6 +758,7 @@ def bench_sample_cmd(
     """Sampling throughput with random weights (one timed batch after a short warm-up)."""
     _at_least(1, batch_size=batch_size, steps=steps, diffusion_steps=diffusion_steps)
     _finite(0.0, cfg=cfg)
+    _need(head_tokens in ("chosen", "all"), f"--head-tokens {head_tokens!r} is not one of chosen, all")
     import json
 
     from fluid_cli.sampling.bench import bench_sampling

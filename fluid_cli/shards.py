@@ -228,6 +228,10 @@ class Artifact:
         cls, root: str | Path, expect_kind: str | tuple[str, ...] | None = None, what: str = "artifact"
     ) -> Artifact:
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise FluidError(
+                f"{what} {root} is a file; pass the artifact's folder (the one holding {MANIFEST})"
+            )
         if not root.is_dir():
             raise FluidError(f"{what} {root} does not exist; make it with the stage that writes it")
         mpath = root / MANIFEST

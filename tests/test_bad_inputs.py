@@ -287,6 +287,7 @@ CASES = [
     ("train-flipped-byte", _flipped, "shard-00001.safetensors (records 16-31 of 48"),
     ("train-manifest-500", _manifest_500, "says 500 records but its shards list 48"),
     ("train-all-truncated", _all_truncated, "no usable records: 3 shard(s) were skipped"),
+    ("train-data-is-file", lambda c: c.train(latents=c.file()), "is a file; pass the artifact's folder"),
     # bench
     (
         "bench-train-batch-0",
@@ -304,6 +305,11 @@ CASES = [
         "--cfg must be a finite number",
     ),
     ("bench-train-size", lambda c: ["bench", "train", "--size", "nope"], "unknown size 'nope'"),
+    (
+        "bench-sample-head-tokens",
+        lambda c: ["bench", "sample", "--size", "tiny", "--head-tokens", "some"],
+        "--head-tokens 'some' is not one of chosen, all",
+    ),
     # sample
     ("sample-out-is-file", lambda c: c.sample(out=c.file()), "is a file, not a folder"),
     (
@@ -378,6 +384,17 @@ CASES = [
         "fit-scaling-table-missing",
         lambda c: ["fit-scaling", "--table", str(c.tmp / "t.csv"), "--out", str(c.tmp / "f")],
         "--table",
+    ),
+    (
+        "fit-scaling-table-not-utf8",
+        lambda c: [
+            "fit-scaling",
+            "--table",
+            str(c.file("t.csv", b"variant,size,params,val_loss\n\xff,a,1e8,0.5\n")),
+            "--out",
+            str(c.tmp / "f"),
+        ],  # fmt: skip
+        "is not UTF-8 text",
     ),
     # eval-fid / eval-geneval / coco-30k
     (

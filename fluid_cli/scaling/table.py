@@ -197,8 +197,11 @@ def _load_records(path: Path) -> list[dict[str, Any]]:
                 f"{path} must hold a list of row objects (or {{'rows': [...]}}); see docs/scaling.md"
             )
         return data
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise FluidError(f"table {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
 
 
 def rows_from_table(path: Path) -> list[Row]:
