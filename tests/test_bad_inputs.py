@@ -652,3 +652,26 @@ def test_steps_used_is_what_the_sampler_does():
     assert steps_used(rand, SampleSettings(steps=99)) == 16  # K > L: the rest predict nothing
     assert steps_used(rand, SampleSettings(steps=8)) == 8
     assert steps_used(SimpleNamespace(random_order=False, num_tokens=16), SampleSettings(steps=99)) == 16
+
+
+def test_a_truncated_reference_image_is_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fluid_cli.errors import FluidError
+    from fluid_cli.eval import fid as F
+
+    files = []
+    for i in range(3):
+        p = tmp_path / f"{i:03d}.jpg"
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(p, quality=95)
+        files.append(p)
+    truncate(files[1], 0.5)
+
+    def stats(x):  # a tiny stand-in for Inception: per-channel means
+        import torch
+
+        return torch.as_tensor(x, dtype=torch.float32).mean(dim=(2, 3))
+
+    with pytest.raises(FluidError, match="001.jpg is not a readable image"):
+        F.image_features(files, stats, "clean", "cpu")

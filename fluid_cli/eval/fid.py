@@ -210,5 +210,24 @@ def image_features(files: list[Path], extractor: FeatureExtractor, mode: str, de
         with torch.no_grad():
             return torch.as_tensor(extractor(x))
 
-    return get_files_features([str(f) for f in files], model=model, num_workers=workers, batch_size=batch_size,
-                              device=device, mode=mode, description=desc, verbose=sys.stderr.isatty())  # fmt: skip
+    try:
+        return get_files_features([str(f) for f in files], model=model, num_workers=workers, batch_size=batch_size,
+                                  device=device, mode=mode, description=desc, verbose=sys.stderr.isatty())  # fmt: skip
+    except (OSError, SyntaxError, ValueError) as e:  # e.g. a truncated reference JPEG: name it
+        bad = first_unreadable(files)
+        if bad is None:
+            raise
+        raise FluidError(f"{bad} is not a readable image ({e}); remove or replace it and rerun") from None
+
+
+def first_unreadable(files: list[Path]) -> Path | None:
+    """The first file that does not decode (searched only after a failure: it decodes everything)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except (OSError, SyntaxError, ValueError):
+            return Path(f)
+    return None
