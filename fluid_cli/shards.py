@@ -416,6 +416,16 @@ class Artifact:
             self._write_record(record)
         return bad, hashed
 
+    def problems(self, force: bool = False) -> tuple[dict[int, str], int]:
+        """Every shard checked against the manifest: header, shapes, record count and size
+        (`check_shard`), then sha256 (`verify`: recorded, or always with `force`). Returns
+        ({shard index: why it is damaged}, bytes hashed)."""
+        bad = {i: why for i in range(len(self.shard_files)) if (why := self.check_shard(i)) is not None}
+        sha_bad, hashed = self.verify(force=force, skip=set(bad))
+        for i in sha_bad:
+            bad[i] = "its sha256 differs from the manifest (bytes changed after it was written)"
+        return bad, hashed
+
     def __getstate__(self):  # DataLoader workers re-open the memory maps themselves
         state = dict(self.__dict__)
         state["_handles"] = {}
@@ -440,11 +450,8 @@ def verify_paths(paths: list[Path]) -> list[dict]:
     for root in roots:
         art = Artifact.open(root)
         t0 = time.perf_counter()
-        bad = {i: why for i in range(len(art.shard_files)) if (why := art.check_shard(i)) is not None}
-        sha_bad, hashed = art.verify(force=True, skip=set(bad))
+        bad, hashed = art.problems(force=True)
         secs = time.perf_counter() - t0
-        for i in sha_bad:
-            bad[i] = "sha256 differs from the manifest (bytes changed after it was written)"
         damaged += [f"{art.describe_shard(i)}: {why}" for i, why in sorted(bad.items())]
         results.append({"artifact": str(root), "kind": art.kind, "shards": len(art.shard_files),
                         "records": art.num_records, "bytes": hashed, "seconds": round(secs, 3),

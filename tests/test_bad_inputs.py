@@ -54,9 +54,11 @@ class Ctx:
                 "--steps", "2", "--batch-size", "8", "--val-every", "0",
                 "--set", 'runtime.device="cpu"', *extra]  # fmt: skip
 
-    def sample(self, *extra: str, ckpt: Path | None = None, out: Path | None = None) -> list[str]:
+    def sample(
+        self, *extra: str, ckpt: Path | None = None, out: Path | None = None, text: Path | None = None
+    ):
         return ["sample", str(ckpt or self.run), "--prompt", PROMPTS[0], "--out", str(out or self.tmp / "samples"),
-                "--text-embeddings", str(self.synth / "text"), "--steps", "2", "--diffusion-steps", "2",
+                "--text-embeddings", str(text or self.synth / "text"), "--steps", "2", "--diffusion-steps", "2",
                 "--device", "cpu", *extra]  # fmt: skip
 
     def checkpoint_copy(self) -> Path:
@@ -174,6 +176,12 @@ def _ckpt_junk(c: Ctx) -> list[str]:
     ck = c.checkpoint_copy()
     (ck / "ema.safetensors").write_bytes(b"this is not safetensors at all")
     return c.sample(ckpt=ck)
+
+
+def _sample_text_flipped(c: Ctx) -> list[str]:
+    text = c.copy(c.synth / "text")
+    flip_byte(text / "shard-00000.safetensors")
+    return c.sample(text=text)
 
 
 def _ckpt_config(c: Ctx) -> list[str]:
@@ -335,6 +343,7 @@ CASES = [
     ("sample-weights-junk", _ckpt_junk, "ema.safetensors is damaged or not a safetensors file"),
     ("sample-weights-pickle", _ckpt_pickle, "model.safetensors is damaged or not a safetensors file"),
     ("sample-config-broken", _ckpt_config, "config.json is not valid JSON"),
+    ("sample-text-embeddings-flipped", _sample_text_flipped, "shard-00000.safetensors (records 0-15 of 48"),
     # tokenize / encode-text
     (
         "tokenize-resolution-negative",

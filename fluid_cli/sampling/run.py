@@ -190,6 +190,21 @@ class _Progress:
         self.p.advance(self.images, n)
 
 
+def _check_text_artifact(path: str | Path) -> None:
+    """The --text-embeddings artifact as the manifest describes it (sha256 on first use, recorded),
+    checked before the checkpoint is loaded: a damaged shard is refused by name, not sampled from."""
+    from fluid_cli.shards import Artifact
+
+    art = Artifact.open(path, "text-embeddings", what="--text-embeddings")
+    bad = art.problems()[0]
+    if bad:
+        i, why = min(bad.items())
+        raise FluidError(
+            f"{art.describe_shard(i)}: {why}; re-run `fluid encode-text` with the same --out "
+            "(it redoes just the damaged shards), then `fluid verify` it"
+        )
+
+
 def _embeddings(prompts, text_embeddings, config, mcfg, device):
     if text_embeddings:
         return embed_from_artifact(str(text_embeddings), prompts, mcfg)
@@ -221,6 +236,8 @@ def run_sample(
         settings = replace(settings, clip_x0=float(config["data"].get("latent_abs_max") or 0.0))
     check_settings(settings, mcfg, batch_size, images_per_prompt)
     ckpt.check_weights(ckpt_dir, weights)  # a damaged checkpoint is named now, not after text encoding
+    if text_embeddings:
+        _check_text_artifact(text_embeddings)
     prompts, bad = read_prompts(prompts_file, prompt_args)
     dist = backend.init_distributed(device)
     dev = backend.resolve_device(device, dist.local_rank)

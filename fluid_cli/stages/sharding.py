@@ -215,9 +215,7 @@ def _complete_and_intact(out_dir: Path) -> bool:
         log.warning("%s; the missing shards are made again and the manifest rewritten", e)
         (out_dir / MANIFEST).unlink(missing_ok=True)
         return False
-    bad = {i: why for i in range(len(art.shard_files)) if (why := art.check_shard(i)) is not None}
-    for i in art.verify(skip=set(bad))[0]:
-        bad[i] = "its sha256 differs from the manifest (bytes changed after it was written)"
+    bad = art.problems()[0]
     if not bad:
         return True
     for i, why in sorted(bad.items()):
