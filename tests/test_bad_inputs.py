@@ -586,16 +586,17 @@ def test_encode_text_skips_non_utf8_prompt_lines_as_sample_does(tiny_t5_dir, tmp
     assert art.num_records == 2 and "UTF-8" in json.dumps(art.manifest["skipped"])
 
 
-def test_sample_rerun_remakes_a_truncated_png(shared, tmp_path, capsys):
+def test_sample_rerun_remakes_a_truncated_and_a_changed_png(shared, tmp_path, capsys):
     ctx = Ctx(shared, tmp_path)
     argv = ctx.sample("--prompt", PROMPTS[1])
     assert run_main(argv, capsys)[0] == 0
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     good = {p.name: p.read_bytes() for p in pngs}
     truncate(pngs[0])
+    flip_byte(pngs[1], len(good[pngs[1].name]) // 2)  # inside the pixel data: its chunk CRC fails
     code, out, err = run_main([*argv, "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["written"] == 1 and "does not decode" in err
+    assert json.loads(out)["written"] == 2 and err.count("is damaged") == 2
     rows = [json.loads(x) for x in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
     assert {r["steps_used"] for r in rows} == {2}
     assert {p.name: p.read_bytes() for p in pngs} == good
