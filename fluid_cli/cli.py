@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from fluid_cli.errors import FluidError, RequeueExit
+from fluid_cli.errors import FluidError, Interrupted, RequeueExit, describe
 
 app = typer.Typer(
     name="fluid",
@@ -30,20 +30,148 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
-def main() -> None:
-    """Console-script entry point. Typer's standalone mode handles usage errors (one line, exit 2);
-    a FluidError becomes `error: ...` on stderr and exit 1; FLUID_DEBUG=1 shows the traceback."""
-    _setup_logging()
+# ---- checks at the CLI boundary: cheap, before any model or data is loaded ---------------------
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise FluidError(message)
+
+
+def _at_least(low: int | float, **options) -> None:
+    """_at_least(1, batch_size=b): '--batch-size must be at least 1, got 0' (None: not given)."""
+    for name, value in options.items():
+        flag = f"--{name.replace('_', '-')}"
+        _need(value is None or value >= low, f"{flag} must be at least {low}, got {value}")
+
+
+def _finite(low: float | None = None, high: float | None = None, **options) -> None:
+    import math
+
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        _need(math.isfinite(value), f"{flag} must be a finite number, got {value}")
+        _need(low is None or value >= low, f"{flag} must be at least {low}, got {value}")
+        _need(high is None or value <= high, f"{flag} must be at most {high}, got {value}")
+
+
+def _writable_dir(path: Path | None, option: str = "--out") -> None:
+    """`path` is a folder we can create or write into: not a file, not under a file, not read-only.
+    Checked before any expensive work, so nothing is computed that cannot be saved."""
+    import tempfile
+
+    if path is None:
+        return
+    path = Path(path)
+    _need(
+        not path.exists() or path.is_dir(),
+        f"{option} {path} is a file, not a folder; pass a new path or an existing folder",
+    )
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    _need(probe.is_dir(), f"{option} {path}: {probe} is a file, not a folder; pass a path inside a folder")
     try:
-        app()
+        fd, name = tempfile.mkstemp(prefix=".fluid-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise FluidError(
+            f"{option} {path}: cannot write in {probe} ({e.strerror}); choose a writable place"
+        ) from None
+
+
+def _writable_file(path: Path | None, option: str = "--out") -> None:
+    """`path` is a file we can write: not an existing folder, and its folder is writable."""
+    if path is None:
+        return
+    path = Path(path)
+    _need(not path.is_dir(), f"{option} {path} is a folder; pass a file path")
+    _writable_dir(path.parent, f"{option} {path}: its folder")
+
+
+def _existing(path: Path | None, option: str, folder: bool | None = None) -> None:
+    if path is None or str(path) == "-":
+        return
+    path = Path(path)
+    _need(path.exists(), f"{option} {path} does not exist")
+    if folder is True:
+        _need(path.is_dir(), f"{option} {path} is a file; pass a folder")
+    if folder is False:
+        _need(path.is_file(), f"{option} {path} is a folder; pass a file")
+
+
+_RESUME_HINT = {
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+    "tokenize": "rerun the same command to continue (finished shards are kept)",
+    "encode-text": "rerun the same command to continue (finished shards are kept)",
+    "sample": "rerun the same command to continue (finished images are kept)",
+    "demo": "rerun the same command to continue (finished stages are kept)",
+}
+
+
+def _command_name(argv: list[str]) -> str:
+    """`fluid bench train ...` -> 'bench train': the words before the first option."""
+    words = []
+    for a in argv:
+        if a.startswith("-") or len(words) == 2 or (words and words[0] != "bench"):
+            break
+        words.append(a)
+    return " ".join(words) or "fluid"
+
+
+_MAIN_PID: int | None = None
+
+
+def _on_sigint(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked DataLoader worker: the default, which torch handles quietly
+        raise KeyboardInterrupt
+    raise Interrupted()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point. Typer's standalone mode handles usage errors (exit 2); a
+    FluidError becomes `error: ...` on stderr and exit 1; any other exception is the safety net's
+    one line (errors.describe), exit 1; Ctrl-C says how to continue, exit 130. FLUID_DEBUG=1 shows
+    the traceback instead."""
+    import signal
+
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    _setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    debug = bool(os.environ.get("FLUID_DEBUG"))
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: keep the default handler
+        previous = None
+    try:
+        app(args=argv, prog_name="fluid")
     except FluidError as e:
-        if os.environ.get("FLUID_DEBUG"):
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except RequeueExit as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except Interrupted as e:
+        if debug:
+            raise
+        hint = _RESUME_HINT.get(command, "rerun the same command")
+        print(f"error: {command} interrupted; {hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # the safety net: a stage did not turn this into a FluidError
+        if debug:
+            raise
+        print(f"error: {describe(e, command)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---- commands (each one imports its stage lazily) ----------------------------------------------
@@ -72,6 +200,11 @@ def fit_scaling(
     ),
 ) -> None:
     """Fit scaling power laws and loss-FID/GenEval correlations; draw the paper's Figures 5, 6, 8, 9."""
+    _at_least(0, n_boot=n_boot)
+    _finite(ci=ci)
+    _need(0 < ci < 1, f"--ci must be between 0 and 1 (e.g. 0.95), got {ci}")
+    _existing(table, "--table", folder=False)
+    _writable_dir(out)
     import json
 
     from fluid_cli.scaling import fit_scaling as run_fit_scaling
@@ -139,6 +272,10 @@ def train_cmd(
     Example: fluid train --variant rand-cont --size 1.1b --recipe recipes/rand-cont-1.1b.toml
     --image-tokens data/webli-latents --text data/webli-t5 --out runs/fluid-1.1b
     """
+    _at_least(1, steps=steps, batch_size=batch_size)
+    _at_least(0, ckpt_every=ckpt_every, val_every=val_every)
+    _existing(recipe, "--recipe", folder=False)
+    _writable_dir(out)
     from fluid_cli.config import resolve
     from fluid_cli.train import loop, setup
 
@@ -164,6 +301,31 @@ def train_cmd(
         typer.echo(str(out_dir))
 
 
+@app.command("verify")
+def verify_cmd(
+    artifacts: list[Path] = typer.Argument(
+        ..., help="Artifact dirs (with manifest.json), or a folder holding several (e.g. a synth-data OUT)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per artifact."),
+) -> None:
+    """Check artifacts against their manifests: every shard's header, size and sha256 (recomputed).
+
+    Prints one line per artifact (shards, records, MB hashed, MB/s); a damaged shard is one error line
+    naming it and its record range (exit 1). Verified shards are recorded (ARTIFACT/verified.json), so
+    `fluid train` does not hash them again. What is checked when: docs/reliability.md.
+    """
+    import json
+
+    from fluid_cli.shards import verify_paths
+
+    for r in verify_paths(list(artifacts)):
+        if json_out:
+            typer.echo(json.dumps(r))
+        else:
+            typer.echo(f"ok {r['artifact']}: {r['shards']} shards, {r['records']} records, "
+                       f"{r['bytes'] / 1e6:.1f} MB sha256 in {r['seconds']:.2f} s")  # fmt: skip
+
+
 @app.command("synth-data")
 def synth_data_cmd(
     out: Path = typer.Argument(
@@ -177,6 +339,8 @@ def synth_data_cmd(
     Prints the output dir. Use OUT/latents with a -cont variant or OUT/codes with a -disc variant,
     and OUT/text as --text.
     """
+    _at_least(1, records=records)
+    _writable_dir(out, "OUT")
     from fluid_cli.synthetic import write_synthetic
 
     write_synthetic(out, records=records, seed=seed)
@@ -219,6 +383,11 @@ def tokenize_cmd(
 
     Example: fluid tokenize 'data/{00000..00099}.tar' --tokenizer stabilityai/sd-vae-ft-ema --out data/latents
     """
+    _at_least(8, resolution=resolution)
+    _at_least(1, batch_size=batch_size, records_per_shard=records_per_shard, num_shards=num_shards)
+    _at_least(0, shard_index=shard_index)
+    _existing(images_dir, "--images-dir", folder=True)
+    _writable_dir(out)
     from fluid_cli.stages.pretrained import resolve_image_tokenizer
 
     resolve_image_tokenizer(tokenizer)  # a missing model fails here, in a second, before torch is imported
@@ -266,6 +435,11 @@ def encode_text_cmd(
 
     Example: fluid encode-text 'data/{00000..00099}.tar' --encoder google/t5-v1_1-xxl --out data/t5
     """
+    _at_least(1, max_length=max_length, batch_size=batch_size, records_per_shard=records_per_shard,
+              num_shards=num_shards)  # fmt: skip
+    _at_least(0, shard_index=shard_index, coco_caption=coco_caption)
+    _existing(images_dir, "--images-dir", folder=True)
+    _writable_dir(out)
     from fluid_cli.stages.pretrained import resolve_text_encoder
 
     resolve_text_encoder(encoder)  # a missing model fails here, in a second, before torch is imported
@@ -302,6 +476,7 @@ def bench_train_cmd(
     device's bf16 peak), the FLOPs per image counted by torch's FLOP counter next to the analytic
     ones, and peak memory. One process; see docs/scale.md for multi-GPU and TPU runs.
     """
+    _at_least(1, batch_size=batch_size, steps=steps)
     import json
 
     from fluid_cli.bench import bench_train
@@ -420,6 +595,15 @@ def sample_cmd(
 
     Example: fluid sample runs/fluid-1.1b --prompts prompts.txt --out samples/
     """
+    _at_least(1, batch_size=batch_size, images_per_prompt=images_per_prompt, steps=steps,
+              diffusion_steps=diffusion_steps, max_images=max_images)  # fmt: skip
+    _at_least(0, top_k=top_k)
+    _finite(0.0, cfg=cfg, temperature=temperature, clip_x0=clip_x0)
+    _need(prompts is not None or prompt, "give --prompts FILE or at least one --prompt")
+    _need(weights in ("ema", "model"), f"--weights {weights!r} is not one of ema, model")
+    _existing(prompts, "--prompts", folder=False)
+    _existing(text_embeddings, "--text-embeddings", folder=True)
+    _writable_dir(out)
     import json
 
     from fluid_cli.sampling import SampleSettings
@@ -452,6 +636,9 @@ def coco_30k_cmd(
     Then: fluid sample CKPT --prompts OUT.txt --out samples/ ; fluid eval-fid samples/ --make-ref
     --ref-images train2014/ --ref-list OUT.jsonl. Protocol: docs/evaluation.md.
     """
+    _at_least(1, count=count)
+    _existing(captions, "CAPTIONS", folder=False)
+    _writable_file(out)
     import json
 
     from fluid_cli.eval.coco_prompts import write_coco_prompts
@@ -483,6 +670,15 @@ def eval_fid_cmd(
     Example (the paper's FID-30K): fluid eval-fid samples/ --make-ref --ref-images train2014/
     --ref-list coco30k.jsonl --run runs/fluid-1.1b
     """
+    _at_least(1, batch_size=batch_size, expect_count=expect_count)
+    _at_least(0, workers=workers, step=step)
+    _existing(images, "IMAGES", folder=True)
+    _existing(ref_images, "--ref-images", folder=True)
+    _existing(ref_list, "--ref-list", folder=False)
+    _writable_dir(run, "--run")
+    if not make_ref:
+        _existing(ref, "--ref")
+    _writable_file(out)
     import json
 
     from fluid_cli.eval.fid_run import run_eval_fid
@@ -521,6 +717,14 @@ def eval_geneval_cmd(
     Prints the result path (a per-tag table goes to stderr). Rules and weights: docs/evaluation.md.
     Example: fluid eval-geneval runs/fluid-1.1b --out geneval/ --run runs/fluid-1.1b
     """
+    _at_least(1, batch_size=batch_size, steps=steps, diffusion_steps=diffusion_steps)
+    _at_least(0, step=step)
+    _finite(0.0, cfg=cfg, temperature=temperature)
+    _existing(images, "--images", folder=True)
+    _existing(prompts, "--prompts", folder=False)
+    _writable_dir(run, "--run")
+    _existing(text_embeddings, "--text-embeddings", folder=True)
+    _writable_dir(out)
     import json
 
     from fluid_cli.eval.geneval_run import print_table, run_eval_geneval
@@ -552,6 +756,9 @@ def bench_sample_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Sampling throughput with random weights (one timed batch after a short warm-up)."""
+    _at_least(1, batch_size=batch_size, steps=steps, diffusion_steps=diffusion_steps)
+    _finite(0.0, cfg=cfg)
+    _need(head_tokens in ("chosen", "all"), f"--head-tokens {head_tokens!r} is not one of chosen, all")
     import json
 
     from fluid_cli.sampling.bench import bench_sampling
@@ -591,6 +798,8 @@ def shapes_data_cmd(
 
     Example: fluid shapes-data data/shapes && fluid tokenize 'data/shapes/train/*.tar' --tokenizer tok/vae --resolution 32 --no-flip --out data/shapes-latents
     """
+    _at_least(1, records=records)
+    _writable_dir(out, "OUT")
     from fluid_cli.shapes.generator import write_shapes
 
     typer.echo(str(write_shapes(out, records=records, seed=seed, size=size, layout=layout)))
@@ -629,6 +838,13 @@ def train_tokenizer_cmd(
     SentencePiece unigram tokenizer on the shapes captions and saves a frozen random T5 encoder;
     `fluid encode-text --encoder OUT` loads it.
     """
+    _need(kind in ("vae", "vq", "t5"), f"unknown tokenizer kind {kind!r}; valid: vae, vq, t5")
+    _at_least(1, size=size, steps=steps, batch_size=batch_size, vocab=vocab, width=width)
+    _at_least(0, downsample=downsample, threads=threads)
+    _finite(lr=lr, kl_weight=kl_weight)
+    _need(lr > 0, f"--lr must be positive, got {lr}")
+    _need(kl_weight is None or kl_weight >= 0, f"--kl-weight must not be negative, got {kl_weight}")
+    _writable_dir(out)
     import json
 
     from fluid_cli.shapes.tokenizers import run_train_tokenizer
@@ -657,6 +873,14 @@ def demo_cmd(
     held-out prompts -> shapes-GenEval -> report.md (scores per tag, image grids, loss curve). About 15
     minutes on 2 CPU cores; a rerun skips finished stages.
     """
+    from fluid_cli.registry import get_size
+
+    get_size(size)  # refused now, not after minutes of data and tokenizer stages
+    _finite(minutes=minutes, cfg=cfg)
+    _need(minutes > 0, f"--minutes must be positive, got {minutes}")
+    _need(cfg >= 0, f"--cfg must not be negative, got {cfg}")
+    _at_least(1, records=records, tokenizer_steps=tokenizer_steps, steps=sample_steps)
+    _writable_dir(out)
     from fluid_cli.demo import run_demo
 
     typer.echo(str(run_demo(out, minutes, records, size, seed, tokenizer_steps, sample_steps, cfg)))

@@ -152,6 +152,54 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# (low, high) per numeric key, both inclusive; None: unbounded. Checked after every override, so a
+# value torch would reject later (lr=nan, batch_size=0) is one line naming the key instead.
+_RANGES = {
+    "model.diffusion_batch_mul": (1, None),
+    "model.head_width": (0, None),
+    "data.val_records": (0, None),
+    "data.num_workers": (0, None),
+    "data.max_bad_records": (0, None),
+    "train.steps": (0, None),
+    "train.batch_size": (1, None),
+    "train.micro_batch_size": (0, None),
+    "train.warmup_steps": (0, None),
+    "train.weight_decay": (0.0, None),
+    "train.beta1": (0.0, 1.0),
+    "train.beta2": (0.0, 1.0),
+    "train.grad_clip": (0.0, None),
+    "train.ema_decay": (0.0, 1.0),
+    "train.cfg_dropout": (0.0, 1.0),
+    "train.log_every": (1, None),
+    "train.val_every": (0, None),
+    "train.val_batches": (0, None),
+    "train.ckpt_every": (0, None),
+    "train.keep_checkpoints": (1, None),
+    "train.max_bad_steps": (1, None),
+    "train.time_limit_min": (0.0, None),
+    "runtime.preempt_budget_s": (0.0, None),
+}
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    import math
+
+    for section, values in recipe.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FluidError(f"recipe key {name} must be a finite number, got {value}")
+            low, high = _RANGES.get(name, (None, None))
+            if low is not None and value < low or high is not None and value > high:
+                span = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise FluidError(f"recipe key {name} must be {span}, got {value}")
+    if recipe.train.lr <= 0:
+        raise FluidError(f"recipe key train.lr must be positive, got {recipe.train.lr}")
+    for beta in ("beta1", "beta2"):
+        if getattr(recipe.train, beta) >= 1:
+            raise FluidError(f"recipe key train.{beta} must be below 1, got {getattr(recipe.train, beta)}")
+
+
 def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: list[str]) -> Recipe:
     """defaults < recipe file < CLI flags (None = not given) < --set; then validate names."""
     recipe = load_recipe(path)
@@ -162,9 +210,8 @@ def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: lis
     get_size(recipe.model.size)
     if recipe.model.head_prediction not in ("eps", "v"):
         raise FluidError(f"model.head_prediction must be eps or v, not {recipe.model.head_prediction!r}")
+    _check_ranges(recipe)
     t = recipe.train
-    if t.batch_size < 1 or t.steps < 0:
-        raise FluidError("train.batch_size must be >= 1 and train.steps >= 0")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise FluidError(
             f"train.batch_size {t.batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}"

@@ -32,6 +32,7 @@ from fluid_cli.errors import FluidError
 FORMAT = "fluid-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"  # shards whose sha256 matched the manifest, with the size and mtime then
 KINDS = ("image-latents", "image-codes", "text-embeddings")
 
 _DTYPES = {
@@ -227,6 +228,10 @@ class Artifact:
         cls, root: str | Path, expect_kind: str | tuple[str, ...] | None = None, what: str = "artifact"
     ) -> Artifact:
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise FluidError(
+                f"{what} {root} is a file; pass the artifact's folder (the one holding {MANIFEST})"
+            )
         if not root.is_dir():
             raise FluidError(f"{what} {root} does not exist; make it with the stage that writes it")
         mpath = root / MANIFEST
@@ -250,6 +255,12 @@ class Artifact:
         for s in manifest["shards"]:
             if not (root / s["file"]).is_file():
                 raise FluidError(f"{what} {root}: shard {s['file']} listed in the manifest is missing")
+        listed = sum(int(s["records"]) for s in manifest["shards"])
+        if int(manifest.get("num_records", listed)) != listed:
+            raise FluidError(
+                f"{mpath} says {manifest['num_records']} records but its shards list {listed}: the manifest "
+                "was edited or damaged; re-run the stage that wrote it with the same --out"
+            )
         return cls(root, manifest)
 
     @property
@@ -327,7 +338,23 @@ class Artifact:
             return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
         if n != info["records"]:
             return f"holds {n} records, the manifest says {info['records']}"
+        size = (self.root / info["file"]).stat().st_size
+        if size != info["bytes"]:
+            return f"is {size} bytes, the manifest says {info['bytes']}"
         return None
+
+    def describe_shard(self, shard: int) -> str:
+        """'ROOT/shard-00003.safetensors (records 48-63 of 96, keys a..b)' for messages."""
+        counts = [int(s["records"]) for s in self.manifest["shards"]]
+        first = sum(counts[:shard])
+        where = f"records {first}-{first + counts[shard] - 1} of {sum(counts)}"
+        try:
+            keys = self.shard_keys(shard)
+            if keys:
+                where += f", keys {keys[0]}..{keys[-1]}"
+        except Exception:  # an unreadable header: the record numbers must do
+            self._handles.pop(shard, None)
+        return f"{self.root / self.shard_files[shard]} ({where})"
 
     def rows(self, shard: int) -> list[dict]:
         """The shard's JSONL rows (e.g. captions), or [] when the stage wrote none."""
@@ -336,11 +363,103 @@ class Artifact:
             return []
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
-    def verify(self) -> list[str]:
-        """Names of shards whose sha256 differs from the manifest (a corrupt or replaced file)."""
-        return [s["file"] for s in self.manifest["shards"] if _sha256(self.root / s["file"]) != s["sha256"]]
+    # ---- sha256 verification, recorded so it runs once per shard version -----------------------
+
+    def _record_paths(self) -> list[Path]:
+        """Where the verification record lives: in the artifact, or (read-only artifact) in the cache."""
+        key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluid" / "verified"
+        return [self.root / VERIFIED, cache / f"{key}.json"]
+
+    def _read_record(self) -> dict[str, dict]:
+        for path in self._record_paths():
+            try:
+                return dict(json.loads(path.read_text())["shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return {}
+
+    def _write_record(self, record: dict[str, dict]) -> None:
+        data = (
+            json.dumps({"format": "fluid-verified", "shards": record}, indent=1, sort_keys=True) + "\n"
+        ).encode()
+        for path in self._record_paths():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+                return
+            except OSError:
+                continue  # a read-only artifact: the cache; neither: verified again next time
+
+    def verify(self, force: bool = False, skip: set[int] | frozenset = frozenset()) -> tuple[list[int], int]:
+        """sha256 of every shard (except `skip`) against the manifest: (indices of shards that differ,
+        bytes hashed). A shard recorded as verified with the same manifest sha256, size and mtime is
+        not hashed again unless `force` (`fluid verify`); matching shards are recorded."""
+        record = self._read_record()
+        bad, hashed, changed = [], 0, False
+        for i, s in enumerate(self.manifest["shards"]):
+            if i in skip:
+                continue
+            path = self.root / s["file"]
+            st = path.stat()
+            state = {"sha256": s["sha256"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if not force and record.get(s["file"]) == state:
+                continue
+            hashed += st.st_size
+            if st.st_size != s["bytes"] or _sha256(path) != s["sha256"]:
+                bad.append(i)
+                changed |= record.pop(s["file"], None) is not None
+            else:
+                changed |= record.get(s["file"]) != state
+                record[s["file"]] = state
+        if changed:
+            self._write_record(record)
+        return bad, hashed
+
+    def problems(self, force: bool = False) -> tuple[dict[int, str], int]:
+        """Every shard checked against the manifest: header, shapes, record count and size
+        (`check_shard`), then sha256 (`verify`: recorded, or always with `force`). Returns
+        ({shard index: why it is damaged}, bytes hashed)."""
+        bad = {i: why for i in range(len(self.shard_files)) if (why := self.check_shard(i)) is not None}
+        sha_bad, hashed = self.verify(force=force, skip=set(bad))
+        for i in sha_bad:
+            bad[i] = "its sha256 differs from the manifest (bytes changed after it was written)"
+        return bad, hashed
 
     def __getstate__(self):  # DataLoader workers re-open the memory maps themselves
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def verify_paths(paths: list[Path]) -> list[dict]:
+    """`fluid verify`: every shard's header, size and sha256 (always recomputed) against the
+    manifest; matching shards are recorded, so `fluid train` does not hash them again. A folder that
+    holds artifacts (e.g. `fluid synth-data OUT`) stands for each of them. FluidError on any damage."""
+    import time
+
+    roots: list[Path] = []
+    for p in map(Path, paths):
+        inner = (
+            sorted(d for d in p.iterdir() if (d / MANIFEST).is_file())
+            if p.is_dir() and not (p / MANIFEST).exists()
+            else []
+        )
+        roots += inner or [p]
+    results, damaged = [], []
+    for root in roots:
+        art = Artifact.open(root)
+        t0 = time.perf_counter()
+        bad, hashed = art.problems(force=True)
+        secs = time.perf_counter() - t0
+        damaged += [f"{art.describe_shard(i)}: {why}" for i, why in sorted(bad.items())]
+        results.append({"artifact": str(root), "kind": art.kind, "shards": len(art.shard_files),
+                        "records": art.num_records, "bytes": hashed, "seconds": round(secs, 3),
+                        "mb_per_s": round(hashed / 1e6 / secs, 1) if secs > 0 else None,
+                        "damaged": len(bad)})  # fmt: skip
+    if damaged:
+        more = f" (and {len(damaged) - 1} more shard(s))" if len(damaged) > 1 else ""
+        raise FluidError(
+            f"{damaged[0]}{more}; re-run the stage that wrote it with the same --out: it redoes just the damaged shards"
+        )
+    return results

@@ -42,6 +42,28 @@ class PromptDir:
     images: list[Path]
 
 
+def check_metadata(meta: object, where: str) -> dict:
+    """A GenEval metadata object: `include` (and `exclude`) are lists of objects naming a class;
+    anything else is refused here, with its place, instead of failing inside the scorer."""
+    if not isinstance(meta, dict):
+        raise FluidError(f"{where} is not a JSON object; one GenEval metadata object a line")
+    for key in ("include", "exclude"):
+        reqs = meta.get(key, [])
+        if not isinstance(reqs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("class"), str) for r in reqs
+        ):
+            raise FluidError(
+                f"{where}: `{key}` must be a list of objects with a `class` (e.g. "
+                '[{"class": "dog", "count": 1}]), got ' + json.dumps(reqs)[:80]
+            )
+        for r in reqs:
+            if "count" in r and (
+                not isinstance(r["count"], int) or isinstance(r["count"], bool) or r["count"] < 1
+            ):
+                raise FluidError(f"{where}: `{key}` count must be a positive integer, got {r['count']!r}")
+    return meta
+
+
 def scan_folder(root: Path) -> list[PromptDir]:
     """The prompt folders (5-digit names) of a GenEval layout, in index order."""
     root = Path(root)
@@ -56,6 +78,7 @@ def scan_folder(root: Path) -> list[PromptDir]:
             metadata = json.loads(meta.read_text(encoding="utf-8").strip().splitlines()[0])
         except (ValueError, IndexError) as e:
             raise FluidError(f"{meta} is not one JSON object: {e}") from None
+        check_metadata(metadata, str(meta))
         images = sorted((d / "samples").glob("*.png")) if (d / "samples").is_dir() else []
         items.append(PromptDir(int(d.name), d, metadata, images))
     if not items:
@@ -99,8 +122,11 @@ def score_items(items: list[PromptDir], detector: Detector, classify_colour: Col
     rows = []
     for it in items:
         for path in it.images:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or not an image
+                raise FluidError(f"{path} is not a readable image ({e}); remove or regenerate it") from None
             dets = detector(image)
             correct, reason = score_image(it.metadata, dets, image, classify_colour)
             kept = {c: len(v) for c, v in keep_detections(dets, it.metadata.get("tag", "")).items()}
@@ -266,6 +292,7 @@ def load_prompts(path: Path) -> list[dict]:
             ) from None
         if not isinstance(meta, dict) or not {"tag", "prompt", "include"} <= meta.keys():
             raise FluidError(f"{path}:{n} lacks GenEval's fields tag, prompt and include")
+        check_metadata(meta, f"{path}:{n}")
         out.append(meta)
     if not out:
         raise FluidError(f"--prompts {path} holds no prompts")

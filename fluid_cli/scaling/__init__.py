@@ -218,7 +218,7 @@ def make_plots(rows: list[Row], res: dict[str, Any], out: Path) -> tuple[dict[st
 def fit_scaling(run_dirs: list[Path], out: Path, table: Path | None = None, targets: list[str] | None = None,
                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Read, fit, plot and write summary.md / summary.json / rows.csv into `out`; returns the md path and summary."""
-    from fluid_cli.scaling.report import build_summary, write_reports
+    from fluid_cli.scaling.report import _clean, build_summary, write_reports
 
     if n_boot < 10:
         raise FluidError(
@@ -237,4 +237,4 @@ def fit_scaling(run_dirs: list[Path], out: Path, table: Path | None = None, targ
         rows, src, res, plots_made, plots_skipped, {"n_boot": n_boot, "seed": seed, "ci_level": level}
     )
     md_path, _ = write_reports(summary, out)
-    return md_path, summary
+    return md_path, _clean(summary)  # NaN/inf -> null, as in summary.json: --json prints strict JSON

@@ -82,10 +82,11 @@ def parse_size(text: str) -> float:
 
 def check_positive(x: list[float], y: list[float], what: str, variant: str) -> None:
     """FluidError unless every x and y is positive (log-log fits need logs)."""
-    bad = [(xi, yi) for xi, yi in zip(x, y, strict=True) if not (xi > 0 and yi > 0)]
+    bad = [(xi, yi) for xi, yi in zip(x, y, strict=True)
+           if not (math.isfinite(xi) and math.isfinite(yi) and xi > 0 and yi > 0)]  # fmt: skip
     if bad:
         raise FluidError(
-            f"cannot fit a power law of {what} ({variant}): {len(bad)} point(s) are <= 0, e.g. "
+            f"cannot fit a power law of {what} ({variant}): {len(bad)} point(s) are <= 0 or not finite, e.g. "
             f"x={bad[0][0]:g}, y={bad[0][1]:g}; log-log fits need positive values, so fix or drop those rows"
         )
 

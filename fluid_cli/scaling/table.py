@@ -73,7 +73,11 @@ def _val_points(metrics: Path) -> dict[int, float]:
             log.warning("%s:%d is not JSON; skipped (a partly written last line?)", metrics, i)
             continue
         if isinstance(rec, dict) and rec.get("val_loss") is not None and rec.get("step") is not None:
-            points[int(rec["step"])] = float(rec["val_loss"])
+            value = float(rec["val_loss"])
+            if not math.isfinite(value):
+                log.warning("%s:%d: val_loss is %s; that point is left out", metrics, i, value)
+                continue
+            points[int(rec["step"])] = value
     return points
 
 
@@ -88,7 +92,17 @@ def _eval_results(run_dir: Path) -> list[dict[str, Any]]:
         value = rec.get("fid") if rec["metric"] == "fid" else rec.get("overall")
         if value is None:
             raise FluidError(f"{path} has no value for {rec['metric']}; re-run the eval command")
-        out.append({"metric": rec["metric"], "value": float(value), "step": rec.get("step"), "path": path})
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise FluidError(
+                f"{path}: {rec['metric']} is {value!r}, not a number; re-run the eval command"
+            ) from None
+        if not math.isfinite(value):
+            raise FluidError(
+                f"{path}: {rec['metric']} is {value}, not a finite number; re-run the eval command"
+            )
+        out.append({"metric": rec["metric"], "value": value, "step": rec.get("step"), "path": path})
     return out
 
 
@@ -151,15 +165,24 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
 
 
 def _num(value: Any, col: str, where: str, kind: type = float) -> Any:
-    """A table cell as a number; empty cells (and 'nan') are None."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null")):
+    """A table cell as a number; empty cells are None; NaN is None with a warning (the row is left
+    out of that column's fits, not silently); an infinity is refused."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise FluidError(f"{where}: column {col} holds {value!r}, not a number; fix the table") from None
     if math.isnan(x):
+        log.warning(
+            "%s: column %s is NaN (a diverged run?); the row is left out of the %s fits", where, col, col
+        )
         return None
+    if math.isinf(x):
+        raise FluidError(
+            f"{where}: column {col} is {value!r}, not a finite number (a diverged run?); "
+            "fix the value, or leave the cell empty to leave the row out"
+        )
     return int(x) if kind is int else x
 
 
@@ -174,8 +197,11 @@ def _load_records(path: Path) -> list[dict[str, Any]]:
                 f"{path} must hold a list of row objects (or {{'rows': [...]}}); see docs/scaling.md"
             )
         return data
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise FluidError(f"table {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
 
 
 def rows_from_table(path: Path) -> list[Row]:

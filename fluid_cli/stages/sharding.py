@@ -86,7 +86,11 @@ def _check_plan(out_dir: Path, settings: dict) -> None:
             for k in sorted(old.keys() | settings.keys())
             if old.get(k) != settings.get(k)
         ]
-        if diff:
+        started = (out_dir / MANIFEST).is_file() or any(out_dir.glob("shard-*.safetensors"))
+        if diff and not started:  # a start that failed before its first shard: nothing to mix up
+            log.info("%s: no shard written yet; its plan is replaced (%s)", out_dir, "; ".join(diff))
+            atomic_write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
+        elif diff:
             raise FluidError(
                 f"{out_dir} was started with other settings ({'; '.join(diff)}); "
                 "use another --out, or delete it to start over"
@@ -167,13 +171,13 @@ def run_sharded(
     if n == 0:
         raise FluidError(f"the sources hold no records: {', '.join(f.path for f in source.files)}")
     _check_plan(out_dir, {**settings, "records_per_shard": R, "num_records": n})
-    if (out_dir / MANIFEST).is_file():
-        log.info("%s is already complete (%s exists); nothing to do", out_dir, MANIFEST)
+    if (out_dir / MANIFEST).is_file() and _complete_and_intact(out_dir):
+        log.info("%s is already complete (%s exists, its shards verified); nothing to do", out_dir, MANIFEST)
         return True
     _clean_temps(out_dir, rank, world)
     num_shards = -(-n // R)
     mine = [i for i in range(num_shards) if i % world == rank]
-    todo = [i for i in mine if not (out_dir / shard_name(i)).is_file()]
+    todo = [i for i in mine if not _present_and_readable(out_dir / shard_name(i))]
     log.info(
         "%d record slots -> %d shards of %d; this process (rank %d of %d): %d to write, %d already complete",
         n,
@@ -197,6 +201,43 @@ def run_sharded(
         return False
     _assemble(out_dir, stage, num_shards, R, n, written)
     return True
+
+
+def _complete_and_intact(out_dir: Path) -> bool:
+    """A rerun over a complete directory: check every shard against the manifest (sizes and headers;
+    sha256 the first time, then recorded). Damaged shards are removed with the manifest, so this run
+    redoes just those and writes the manifest again. True: nothing to do."""
+    from fluid_cli.shards import Artifact
+
+    try:
+        art = Artifact.open(out_dir)
+    except FluidError as e:  # a missing shard, or a manifest that does not parse: rebuild it
+        log.warning("%s; the missing shards are made again and the manifest rewritten", e)
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        return False
+    bad = art.problems()[0]
+    if not bad:
+        return True
+    for i, why in sorted(bad.items()):
+        log.warning("%s: %s; it is made again", art.describe_shard(i), why)
+    art._handles.clear()  # close the memory maps before the files go
+    for i in bad:
+        (out_dir / art.shard_files[i]).unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    return False
+
+
+def _present_and_readable(path: Path) -> bool:
+    """A shard file exists and its header parses (cheap); one that does not is removed and redone."""
+    if not path.is_file():
+        return False
+    try:
+        read_shard_info(path, with_checksum=False)
+        return True
+    except Exception as e:  # SafetensorError, or metadata that is not ours
+        log.warning("%s is damaged (%s); it is made again", path, " ".join(str(e).split())[:100])
+        path.unlink(missing_ok=True)
+        return False
 
 
 def _write_shards(

@@ -297,9 +297,32 @@ def _coco_entries(path: str, images_dir: Path | None, need_images: bool, caption
         yield f"coco-{im['id']}", str(file), _file_loader(file if need_images else None, caption)
 
 
-def _prompt_entries(path: str, lines: list[str]):
+def _prompt_lines(path: str) -> list[str | None]:
+    """The lines of a prompts file; a line that is not UTF-8 is None (a skipped record, as
+    `fluid sample` skips it) instead of failing the whole file."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        pass
+    out: list[str | None] = []
+    for raw in data.removeprefix(b"\xef\xbb\xbf").splitlines():
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(None)
+    return out
+
+
+def _prompt_entries(path: str, lines: list[str | None]):
     for no, line in enumerate(lines, start=1):
-        if line.strip():  # blank lines are layout, not records; keys keep true line numbers
+        if line is None:
+            yield (
+                f"prompt-{no:06d}",
+                f"{path}:{no}",
+                _file_loader(None, None, "not valid UTF-8 (save the file as UTF-8)"),
+            )
+        elif line.strip():  # blank lines are layout, not records; keys keep true line numbers
             yield f"prompt-{no:06d}", f"{path}:{no}", _file_loader(None, line.strip())
 
 
@@ -318,17 +341,20 @@ class RecordSource:
 
     def _entries(self) -> Iterator[tuple[str | None, str, Loader]]:
         for f in self.files:
-            if f.kind == "webdataset":
-                yield from _tar_entries(f.path)
-            elif f.kind == "table":
-                yield from _table_entries(f.path, self.images_dir, self.need_images)
-            elif f.kind == "coco":
-                yield from _coco_entries(f.path, self.images_dir, self.need_images, self.coco_caption)
-            else:
-                lines = (
-                    self._stdin if f.path == "-" else Path(f.path).read_text(encoding="utf-8").splitlines()
-                )
-                yield from _prompt_entries("stdin" if f.path == "-" else f.path, lines)
+            try:
+                if f.kind == "webdataset":
+                    yield from _tar_entries(f.path)
+                elif f.kind == "table":
+                    yield from _table_entries(f.path, self.images_dir, self.need_images)
+                elif f.kind == "coco":
+                    yield from _coco_entries(f.path, self.images_dir, self.need_images, self.coco_caption)
+                else:
+                    lines = self._stdin if f.path == "-" else _prompt_lines(f.path)
+                    yield from _prompt_entries("stdin" if f.path == "-" else f.path, lines)
+            except UnicodeDecodeError as e:
+                raise FluidError(
+                    f"{f.path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 and rerun"
+                ) from None
 
     def count(self) -> int:
         return sum(1 for _ in self._entries())

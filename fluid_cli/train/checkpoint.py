@@ -147,11 +147,36 @@ def resolve(path: str | Path) -> Path:
     raise FluidError(f"{p} is neither a run directory nor a checkpoint directory")
 
 
+def check_weights(ckpt: Path, which: str = "ema") -> None:
+    """Cheap (headers and file sizes only): the weight files exist and are complete safetensors.
+    `fluid sample` calls it before any work, so a damaged checkpoint is named in a second."""
+    from safetensors import safe_open
+
+    for name in ["model.safetensors"] + (["ema.safetensors"] if which == "ema" else []):
+        path = Path(ckpt) / name
+        if not path.is_file():
+            raise FluidError(f"checkpoint {ckpt} has no {name}; use another checkpoint of the run")
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError (truncated, not safetensors), OSError
+            raise FluidError(
+                f"{path} is damaged or not a safetensors file ({' '.join(str(e).split())[:120]}); "
+                "use another checkpoint of the run (checkpoints/step-*)"
+            ) from None
+
+
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """Weights from safetensors only. 'ema': the EMA weights overlaid on the model's buffers."""
-    state = load_file(str(ckpt / "model.safetensors"))
-    if which == "ema":
-        state.update(load_file(str(ckpt / "ema.safetensors")))
+    check_weights(ckpt, which)
+    try:
+        state = load_file(str(ckpt / "model.safetensors"))
+        if which == "ema":
+            state.update(load_file(str(ckpt / "ema.safetensors")))
+    except Exception as e:  # a file damaged inside its data (the header was fine)
+        raise FluidError(
+            f"checkpoint {ckpt}: cannot read its weights ({' '.join(str(e).split())[:120]}); use another checkpoint"
+        ) from None
     bad = non_finite(state)
     if bad:
         raise FluidError(
@@ -161,7 +186,21 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
 
 
 def load_config(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "config.json").read_text())
+    path = Path(ckpt) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FluidError(f"checkpoint {ckpt} has no config.json; use another checkpoint of the run") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FluidError(
+            f"{path} is not valid JSON ({getattr(e, 'msg', e.__class__.__name__)}); it was damaged: "
+            "use another checkpoint of the run (checkpoints/step-*)"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise FluidError(
+            f"{path} has no model section: not a fluid checkpoint config; use another checkpoint"
+        )
+    return config
 
 
 def load_train_state(ckpt: Path) -> dict:

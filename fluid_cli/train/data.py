@@ -60,6 +60,13 @@ class PairedRecords(torch.utils.data.Dataset):
                 f"first: {self.skipped[0]['artifact']} {self.skipped[0]['shard']}: {self.skipped[0]['reason']}. "
                 "Re-run the stage that wrote them, or raise the threshold"
             )
+        if not self.pairs and self.skipped:
+            s = self.skipped[0]
+            raise FluidError(
+                f"no usable records: {len(self.skipped)} shard(s) were skipped as unreadable or malformed, "
+                f"first {s['artifact']}/{s['shard']}: {s['reason']}; re-run the stage that wrote it with the same --out "
+                "(it redoes just the damaged shards)"
+            )
         if not self.pairs:
             raise FluidError(
                 f"no record key of {image_dir} is in {text_dir}: the two artifacts do not describe the same "
@@ -74,6 +81,7 @@ class PairedRecords(torch.utils.data.Dataset):
         """key -> (shard, row) over the shards that pass `check_shard`; the others are logged and
         skipped whole (deterministically: the same shards are skipped on every run and process)."""
         index: dict[str, tuple[int, int]] = {}
+        unreadable: set[int] = set()
         for i, name in enumerate(art.shard_files):
             reason = art.check_shard(i)
             if reason is not None:
@@ -82,9 +90,11 @@ class PairedRecords(torch.utils.data.Dataset):
                     {"artifact": str(art.root), "shard": name, "records": n, "reason": reason}
                 )
                 log.warning("skipping %s/%s (%d records): %s", art.root, name, n, reason)
+                unreadable.add(i)
                 continue
             for row, key in enumerate(art.shard_keys(i)):
                 index[key] = (i, row)
+        verify_artifact(art, skip=unreadable)
         return index
 
     def _shapes(self) -> DataShapes:
@@ -203,3 +213,24 @@ class IndexedBatches(torch.utils.data.Dataset):
         out = collate([self.records[i] for i, _ in batch], self.text_len)
         out["positions"] = torch.tensor([p for _, p in batch], dtype=torch.int64)
         return out
+
+
+def verify_artifact(art: Artifact, skip: set[int] | frozenset = frozenset()) -> None:
+    """sha256 of the shards against the manifest, the first time they are used (recorded in the
+    artifact, see Artifact.verify). A shard that reads but whose bytes changed would train silently on
+    wrong data: it is refused, by name and record range, before any step."""
+    import time
+
+    t0 = time.perf_counter()
+    bad, hashed = art.verify(skip=skip)
+    if hashed:
+        secs = time.perf_counter() - t0
+        log.info("checked sha256 of %.1f MB of %s in %.1f s (recorded: not repeated while the shards are unchanged)",
+                 hashed / 1e6, art.root, secs)  # fmt: skip
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise FluidError(
+            f"{art.describe_shard(bad[0])}{more} does not match the sha256 in its manifest: its bytes changed "
+            "after it was written, so its records cannot be trusted; re-run the stage that wrote it with the "
+            f"same --out (it redoes just the damaged shards), then `fluid verify {art.root}`"
+        )
