@@ -3,7 +3,8 @@
 The run directory holds config.json (the resolved recipe, the model config, the data it was trained
 on, parameter count and FLOPs), metrics.jsonl and checkpoints/. `--resume` restores the model,
 optimizer, EMA and step; the data position and every random draw follow from the step (see
-train/data.py), so a resumed run continues bit-identically.
+train/data.py), so a resumed run continues the same run (bit-identically on the same machine and
+thread count; up to float rounding elsewhere).
 """
 
 from __future__ import annotations
