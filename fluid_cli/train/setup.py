@@ -84,6 +84,8 @@ def _val_batches(
     recipe: Recipe, records: PairedRecords, held_out: list[int], dist: backend.Dist, text_len: int
 ) -> list[dict] | None:
     t, d = recipe.train, recipe.data
+    if t.val_batches <= 0:  # validation off: no batches (validate() then logs no val_loss)
+        return None
     if d.val_image_tokens:
         val = PairedRecords(d.val_image_tokens, d.val_text or d.text, what="validation")
         indices = list(range(len(val)))
