@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pyproject asks for it there)
+    import tomli as tomllib
 
 from fluid_cli.errors import FluidError
 from fluid_cli.registry import get_size, get_variant

@@ -42,6 +42,41 @@ def records(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {key: art.get(s, r) for key, (s, r) in art.index().items()}
 
 
+# Stored floats computed in another process or another batch: the same value up to about one unit in
+# the last place of the stored dtype (the encoder's kernels may sum in another order), as rtol, atol.
+STORED_TOL = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5), torch.float32: (1e-5, 1e-6)}
+
+
+def assert_same_artifact(a: Path, b: Path) -> None:
+    """Two artifact folders hold the same records: the same files, plan, rows (jsonl), record keys and
+    skips byte for byte, integer tensors (codes, lengths) exactly, float tensors within STORED_TOL;
+    the manifests differ at most in the shard checksums (which hash those floats)."""
+    from safetensors import safe_open
+
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        x, y = a / name, b / name
+        if name == "manifest.json":
+            mx, my = json.loads(x.read_text()), json.loads(y.read_text())
+            for m in (mx, my):
+                for shard in m["shards"]:
+                    shard.pop("sha256")
+            assert mx == my
+        elif name.endswith(".safetensors"):
+            with safe_open(str(x), "pt") as fx, safe_open(str(y), "pt") as fy:
+                assert fx.metadata() == fy.metadata() and sorted(fx.keys()) == sorted(fy.keys()), name
+                for k in fx.keys():
+                    tx, ty = fx.get_tensor(k), fy.get_tensor(k)
+                    if tx.is_floating_point():
+                        rtol, atol = STORED_TOL[tx.dtype]
+                        torch.testing.assert_close(tx, ty, rtol=rtol, atol=atol, msg=f"{name}:{k}")
+                    else:
+                        assert torch.equal(tx, ty), f"{name}:{k}"
+        else:
+            assert x.read_bytes() == y.read_bytes(), name
+
+
 def captions(path: Path) -> dict[str, str]:
     art = Artifact.open(path)
     return {row["key"]: row["caption"] for i in range(len(art.shard_files)) for row in art.rows(i)}
@@ -141,7 +176,10 @@ def test_values_match_direct_model_calls(wds_outputs, tiny_vae_dir, tiny_vq_dir,
     lat = records(d / "lat")["000000004"]
     torch.testing.assert_close(lat["mean"].float(), post.mean[0] * 0.18215, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lat["std_flip"].float(), post.std[1] * 0.18215, atol=2e-3, rtol=2e-3)
-    assert torch.equal(records(d / "codes")["000000004"]["codes"], idx.int())
+    # nearest-codebook codes from a batch of 5 vs a batch of 1: equal unless two codebook entries are
+    # equidistant to rounding (at most one of the 16 may differ)
+    codes = records(d / "codes")["000000004"]["codes"]
+    assert codes.shape == idx.shape and int((codes != idx.int()).sum()) <= 1
     torch.testing.assert_close(records(d / "txt")["000000004"]["hidden"].float(), hid, atol=2e-2, rtol=2e-2)
     stored_null = load_file(str(d / "txt" / "null-text.safetensors"))["hidden"]
     assert stored_null.dtype == torch.bfloat16 and stored_null.shape == null.shape == (1, 32)  # just </s>
@@ -409,8 +447,8 @@ def test_resume_after_sigkill_gives_the_same_shards(tmp_path, tiny_vae_dir):
     run_ok([*args, "--out", str(tmp_path / "straight")])
     files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert files == sorted(p.name for p in out.iterdir())
-    for name in files:  # shards (killed run's and resumed run's alike), plan and manifest
-        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    # shards (the killed subprocess's and the resumed run's alike), plan and manifest
+    assert_same_artifact(out, tmp_path / "straight")
 
 
 def test_split_across_processes_assembles_the_same_artifact(tmp_path, tiny_wds_tars, tiny_vae_dir, caplog):
@@ -442,8 +480,10 @@ def test_split_across_processes_assembles_the_same_artifact(tmp_path, tiny_wds_t
     finally:
         del os.environ["RANK"], os.environ["WORLD_SIZE"]
     run_ok([*args[:-1], str(tmp_path / "one")])
-    for name in ["manifest.json", *(f"shard-0000{i}.safetensors" for i in range(4))]:
-        assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert_same_artifact(tmp_path / "split", tmp_path / "one")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    run_ok([*args[:-1], str(tmp_path / "one")])  # a rerun of the finished stage: the same bytes
+    assert {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()} == before
 
 
 def test_missing_model_offline_is_one_line(tmp_path, tiny_wds_tars):

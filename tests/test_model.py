@@ -164,7 +164,11 @@ def test_keyed_random_is_batch_independent_and_well_distributed():
     keys = kr.make_keys(7, torch.arange(64))
     full = kr.normal(keys, (10, 3), kr.STREAM_DIFF_NOISE)
     part = kr.normal(keys[5:9], (10, 3), kr.STREAM_DIFF_NOISE)
-    assert torch.equal(full[5:9], part)
+    # the hash bits are integers, the same for any batch; log/cos/sqrt of 64 vs 4 rows may take
+    # other vector paths: the same normals to float rounding
+    torch.testing.assert_close(full[5:9], part, rtol=1e-6, atol=1e-6)
+    assert torch.equal(kr.normal(keys[5:9], (10, 3), kr.STREAM_DIFF_NOISE), part)  # same call: same bits
+    assert torch.equal(kr._bits(keys, (10, 3), 4)[5:9], kr._bits(keys[5:9], (10, 3), 4))
     big = kr.normal(kr.make_keys(1, torch.arange(2000)), (100,), 3)
     assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01
     u = kr.uniform(kr.make_keys(2, torch.arange(2000)), (50,), 3)

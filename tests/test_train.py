@@ -278,3 +278,27 @@ def test_decay_falls_linearly_over_the_last_steps(tmp_path, synth):
     lrs = [x["lr"] for x in _metrics(run) if "lr" in x]
     # step i (0-based) runs at progress i/8: flat through step 4, then 3/4, 1/2, 1/4 of the peak
     assert lrs[2:] == pytest.approx([1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_eta_is_the_sooner_of_the_step_budget_and_the_time_limit():
+    from fluid_cli.train.progress import forecast
+
+    assert forecast(100, 1100, 10.0, None) == (100.0, 1100)  # no limit: steps left / rate
+    # the demo: a 10-minute limit on a 1,000,000-step budget at 10 steps/s: 10 minutes, ~6,100 steps
+    assert forecast(100, 1_000_000, 10.0, 600.0) == (600.0, 100 + 6000 + 1)
+    assert forecast(100, 200, 10.0, 600.0) == (10.0, 200)  # the budget ends it first
+    assert forecast(0, 1_000_000, None, 600.0) == (600.0, None)  # no rate yet: the limit still bounds it
+    assert forecast(0, 10, None, None) == (None, 10)
+    assert forecast(5, 100, 1.0, -3.0) == (0.0, 5)  # past the limit: this step is the last
+
+
+def test_time_limited_run_without_validation(tmp_path, synth):
+    run = tmp_path / "run"
+    r = _train(synth, run, "--steps", "1000000", "--val-every", "1", "--set", "train.val_batches=0",
+               "--set", "train.time_limit_min=0.01")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = _metrics(run)
+    last = rows[-1]["step"]
+    assert 0 < last < 1000 and not any("val_loss" in x for x in rows)  # no 0.0000 val_loss rows
+    bar = [ln for ln in r.stderr.splitlines() if ln.startswith("train ")][-1]
+    assert f"{last}/~{last} (time limit)" in bar and "eta 0:00:00" in bar, bar

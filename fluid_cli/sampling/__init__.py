@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from fluid_cli.models.fluid_model import FluidModel
-from fluid_cli.sampling.common import MIN_ROWS, SampleSettings, condition, pad_rows
+from fluid_cli.sampling.common import SampleSettings, condition
 
 __all__ = ["SampleSettings", "generate", "num_steps"]
 
@@ -44,12 +44,9 @@ def generate(
     from fluid_cli.sampling.raster import sample_raster
 
     guided = s.cfg != 1.0 if guided is None else guided
-    B = keys.shape[0]
-    if B < MIN_ROWS and not model.cfg.random_order:  # raster rows = images: repeat the last image
-        text, text_mask, keys = (pad_rows(t, MIN_ROWS) for t in (text, text_mask, keys))
     ctx, ctx_mask = condition(model, text, text_mask, guided)
     if model.cfg.random_order:
         tokens = sample_random_order(model, ctx, ctx_mask, keys, s, guided, on_step)
     else:
         tokens = sample_raster(model, ctx, ctx_mask, keys, s, guided, on_step, use_cache)
-    return tokens[:B]
+    return tokens

@@ -20,12 +20,6 @@ from fluid_cli.models.fluid_model import FluidModel
 SAMPLERS = ("ddpm", "ddim")
 DISCRETE_ORDERS = ("random", "confidence")
 HEAD_TOKENS = ("chosen", "all")
-# CPU GEMM kernels take another path for fewer than 4 rows: measured here, 1-3 rows differ in the
-# last bits from the same rows inside a bigger matrix. Calls that can be that small (the head on a
-# step's few tokens, a raster step's batch) are padded to this many rows by repeating the last row,
-# so that an image's bits do not depend on its batch. 1-3 rows are weight-bandwidth bound: the
-# padding costs next to nothing.
-MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -60,15 +54,6 @@ def condition(
     return model.encode_text(text, text_mask), text_mask
 
 
-def pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
-    """x with at least `rows` entries along `dim`, the last one repeated."""
-    n = x.shape[dim]
-    if n >= rows:
-        return x
-    last = x.narrow(dim, n - 1, 1)
-    return torch.cat([x, last.expand(*[rows - n if d == dim else -1 for d in range(x.dim())])], dim=dim)
-
-
 def token_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B,) image keys and (B, M) positions -> (B, M) per-token keys."""
     return kr.combine(keys.to(torch.int64)[:, None], positions)
@@ -80,20 +65,19 @@ def draw_continuous(
     """Tokens (B, M, C) from backbone outputs z ((2)B, M, W) by the diffusion head, S steps each."""
     B, M = tkeys.shape
     C, N = model.cfg.token_channels, B * M
-    n = max(N, MIN_ROWS)
-    flat = pad_rows(tkeys.reshape(-1), n)  # (n,)
+    flat = tkeys.reshape(-1)  # (N,)
     # guided: z's rows are [conditional B; null B]: the head's [cond N; uncond N] after flattening
-    cond = pad_rows(z.reshape(2 if guided else 1, N, z.shape[-1]), n, dim=1).flatten(0, 1)
+    cond = z.reshape(-1, z.shape[-1])
 
     def noise_fn(j: int) -> torch.Tensor:  # j = -1: x_T; j >= 0: the noise of denoising step j
         return kr.normal(flat, (C,), kr.STREAM_SAMPLE_TOKENS, offset=(j + 1) * C)
 
     # a per-row scale tensor keeps a step whose scale is exactly 1 on the guided path (same shapes)
-    cfg_scale = torch.full((n,), scale, device=z.device) if guided else None
+    cfg_scale = torch.full((N,), scale, device=z.device) if guided else None
     out = model.head.sample(
         cond, noise_fn, s.diffusion_steps, s.temperature, cfg_scale, s.sampler, s.clip_x0 or None
     )
-    return out[:N].view(B, M, C)
+    return out.view(B, M, C)
 
 
 def discrete_probs(
@@ -102,7 +86,7 @@ def discrete_probs(
     """Guided, top-k filtered, tempered probabilities (B, M, V); at temperature 0 the filtered
     logits instead (draw_discrete then takes the argmax)."""
     rows, M, W = z.shape
-    logits = model.logits(pad_rows(z.reshape(-1, W), MIN_ROWS))[: rows * M].view(rows, M, -1).float()
+    logits = model.logits(z.reshape(-1, W)).view(rows, M, -1).float()
     if guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + scale * (cond - uncond)

@@ -5,8 +5,9 @@
     OUT/grid.png                         --grid: the first prompts x images as one sheet
 Work item i = (prompt, image) goes to rank i % world under torchrun. A PNG is written under a temp
 name and renamed, and its manifest line is appended after, so a killed run leaves no half image; a
-rerun skips the images its manifest lists and makes the same bytes for the rest (every draw is keyed
-by (seed, prompt index, image index)). Samples made with other settings in the same OUT are refused.
+rerun skips the images its manifest lists and makes the same images for the rest (every draw is keyed
+by (seed, prompt index, image index); bit for bit at the same batch size, else up to float
+rounding). Samples made with other settings in the same OUT are refused.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Record slot i of the source order goes to shard i // R (R = --records-per-shard), bad slots
 included, so a shard's content depends only on its slot range: an interrupted run resumed, or a run
-split across processes, writes the same bytes as one uninterrupted run. A shard file exists only
+split across processes, writes the same records as one uninterrupted run (bit-identical floats on
+the same machine and threads; another process or CPU may round differently). A shard file exists only
 when complete (shards.write_shard renames a temp file), so a re-run skips the shards present and
 removes temp files left by a killed writer. Process `rank` of `world` writes the shards with
 i % world == rank; whichever process finds every shard present writes the manifest. `plan.json`

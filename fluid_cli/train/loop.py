@@ -96,7 +96,7 @@ def _global_normalizer(s: TrainSetup, step: int, seed: int, batch_size: int) -> 
 
 @torch.no_grad()
 def validate(s: TrainSetup) -> float | None:
-    if s.val_batches is None:
+    if not s.val_batches:  # no held-out data, or train.val_batches = 0: no val_loss at all
         return None
     s.model.eval()
     total, n = 0.0, 0
@@ -173,10 +173,12 @@ def _lr(t, step: int, time_used: float) -> float:
 def run(s: TrainSetup) -> Path:
     t = s.recipe.train
     params = [p for p in s.model.parameters() if p.requires_grad]
-    progress = TrainProgress(t.steps, s.step, enabled=s.dist.main)
+    run_start = time.monotonic()
+    deadline = run_start + t.time_limit_min * 60 if t.time_limit_min else None  # as _stop_reason
+    progress = TrainProgress(t.steps, s.step, enabled=s.dist.main, deadline=deadline)
     bad_in_row, window_start, window_images = 0, time.perf_counter(), 0
     data_crc = 0  # crc32 of the record indices consumed in the log window (checks exact resume)
-    run_start, time_used = time.monotonic(), 0.0
+    time_used = 0.0  # share of the time limit used so far (for the LR's decay)
     with _Preemption() as pre, progress:
         for batch in s.loader:
             step = s.step

@@ -3,7 +3,8 @@
 The run directory holds config.json (the resolved recipe, the model config, the data it was trained
 on, parameter count and FLOPs), metrics.jsonl and checkpoints/. `--resume` restores the model,
 optimizer, EMA and step; the data position and every random draw follow from the step (see
-train/data.py), so a resumed run continues bit-identically.
+train/data.py), so a resumed run continues the same run (bit-identically on the same machine and
+thread count; up to float rounding elsewhere).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _val_batches(
     recipe: Recipe, records: PairedRecords, held_out: list[int], dist: backend.Dist, text_len: int
 ) -> list[dict] | None:
     t, d = recipe.train, recipe.data
+    if t.val_batches <= 0:  # validation off: no batches (validate() then logs no val_loss)
+        return None
     if d.val_image_tokens:
         val = PairedRecords(d.val_image_tokens, d.val_text or d.text, what="validation")
         indices = list(range(len(val)))
