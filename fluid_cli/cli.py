@@ -610,7 +610,16 @@ def sample_cmd(
     from fluid_cli.sampling.run import run_sample
 
     s = SampleSettings(
-        steps, diffusion_steps, cfg, cfg_schedule, temperature, top_k, sampler, discrete_order, head_tokens, clip_x0
+        steps,
+        diffusion_steps,
+        cfg,
+        cfg_schedule,
+        temperature,
+        top_k,
+        sampler,
+        discrete_order,
+        head_tokens,
+        clip_x0,
     )
     summary = run_sample(
         checkpoint, out, prompts, list(prompt or []), s, seed, batch_size, images_per_prompt,
@@ -625,11 +634,19 @@ def sample_cmd(
 
 @app.command("coco-30k")
 def coco_30k_cmd(
-    captions: Path = typer.Argument(..., help="COCO captions JSON, e.g. annotations/captions_train2014.json."),
-    out: Path = typer.Option(..., "--out", help="The list (.jsonl); .txt, .coco.json and .meta.json are written beside it."),
+    captions: Path = typer.Argument(
+        ..., help="COCO captions JSON, e.g. annotations/captions_train2014.json."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="The list (.jsonl); .txt, .coco.json and .meta.json are written beside it."
+    ),
     count: int = typer.Option(30000, "--count", help="Images (one caption each); the paper: 30000."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the draw (a sha256 rule: the same list on any machine)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the meta record (count, seed, sha256s) as JSON."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the draw (a sha256 rule: the same list on any machine)."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the meta record (count, seed, sha256s) as JSON."
+    ),
 ) -> None:
     """Draw the FID-30K caption list from COCO 2014 train: one seeded caption per image. Prints the list path.
 
@@ -649,19 +666,52 @@ def coco_30k_cmd(
 
 @app.command("eval-fid")
 def eval_fid_cmd(
-    images: Path | None = typer.Argument(None, help="Generated images: a folder, or a `fluid sample` dir (its manifest lists the files, step and prompts)."),
-    ref: Path | None = typer.Option(None, "--ref", help="Reference: a stats .npz (mu, sigma) or a folder of real images. With --make-ref: where to write the stats (default: ~/.cache/fluid/fid-ref/)."),
-    make_ref: bool = typer.Option(False, "--make-ref", help="Compute (or reuse the cached) reference stats of --ref-images [--ref-list]."),
-    ref_images: Path | None = typer.Option(None, "--ref-images", help="Folder of real images for --make-ref (COCO train2014/)."),
-    ref_list: Path | None = typer.Option(None, "--ref-list", help="The `fluid coco-30k` list: the reference is its images; generated prompts are checked against it."),
+    images: Path | None = typer.Argument(
+        None,
+        help="Generated images: a folder, or a `fluid sample` dir (its manifest lists the files, step and prompts).",
+    ),
+    ref: Path | None = typer.Option(
+        None,
+        "--ref",
+        help="Reference: a stats .npz (mu, sigma) or a folder of real images. With --make-ref: where to write the stats (default: ~/.cache/fluid/fid-ref/).",
+    ),
+    make_ref: bool = typer.Option(
+        False,
+        "--make-ref",
+        help="Compute (or reuse the cached) reference stats of --ref-images [--ref-list].",
+    ),
+    ref_images: Path | None = typer.Option(
+        None, "--ref-images", help="Folder of real images for --make-ref (COCO train2014/)."
+    ),
+    ref_list: Path | None = typer.Option(
+        None,
+        "--ref-list",
+        help="The `fluid coco-30k` list: the reference is its images; generated prompts are checked against it.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="Result JSON (default: IMAGES/fid.json)."),
-    run: Path | None = typer.Option(None, "--run", help="Also write RUN/eval/fid-step<N>.json (read by `fluid fit-scaling`)."),
-    mode: str = typer.Option("clean", "--mode", help="clean | legacy_pytorch | legacy_tensorflow (clean-fid's resize modes)."),
-    inception: Path | None = typer.Option(None, "--inception", help="Inception weights file (or dir holding it); default: clean-fid's cache (/tmp/inception-2015-12-05.pt). Never downloaded."),
-    expect_count: int | None = typer.Option(None, "--expect-count", help="Refuse unless there are exactly this many images (default: the reference list's count)."),
-    step: int | None = typer.Option(None, "--step", help="Checkpoint step to record (default: from the samples manifest)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Also write RUN/eval/fid-step<N>.json (read by `fluid fit-scaling`)."
+    ),
+    mode: str = typer.Option(
+        "clean", "--mode", help="clean | legacy_pytorch | legacy_tensorflow (clean-fid's resize modes)."
+    ),
+    inception: Path | None = typer.Option(
+        None,
+        "--inception",
+        help="Inception weights file (or dir holding it); default: clean-fid's cache (/tmp/inception-2015-12-05.pt). Never downloaded.",
+    ),
+    expect_count: int | None = typer.Option(
+        None,
+        "--expect-count",
+        help="Refuse unless there are exactly this many images (default: the reference list's count).",
+    ),
+    step: int | None = typer.Option(
+        None, "--step", help="Checkpoint step to record (default: from the samples manifest)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per feature batch."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader workers that decode and resize (0: in process)."),
+    workers: int = typer.Option(
+        0, "--workers", help="DataLoader workers that decode and resize (0: in process)."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print the result JSON instead of its path."),
 ) -> None:
@@ -691,15 +741,41 @@ def eval_fid_cmd(
 
 @app.command("eval-geneval")
 def eval_geneval_cmd(
-    checkpoint: Path | None = typer.Argument(None, help="A run dir or checkpoint dir to generate 4 images per prompt with (or use --images)."),
-    images: Path | None = typer.Option(None, "--images", help="Score an existing GenEval folder (<DIR>/00000/metadata.jsonl, samples/0000.png) from any generator."),
+    checkpoint: Path | None = typer.Argument(
+        None, help="A run dir or checkpoint dir to generate 4 images per prompt with (or use --images)."
+    ),
+    images: Path | None = typer.Option(
+        None,
+        "--images",
+        help="Score an existing GenEval folder (<DIR>/00000/metadata.jsonl, samples/0000.png) from any generator.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="With CHECKPOINT: the GenEval folder to write."),
-    run: Path | None = typer.Option(None, "--run", help="Also write RUN/eval/geneval-step<N>.json (read by `fluid fit-scaling`)."),
-    detector: str = typer.Option("facebook/mask2former-swin-small-coco-instance", "--detector", help="Mask2Former hub id or local dir; py:MODULE:FUNCTION, a factory FUNCTION(classes) -> detector(image) -> [Detection]; or `shapes` (the shapes world's exact detector and pixel colours: shapes-GenEval)."),
-    clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip", help="CLIP hub id or local dir; or py:MODULE:FUNCTION, a factory FUNCTION() -> classify(crops, class) -> colours."),
-    prompts: Path | None = typer.Option(None, "--prompts", help="A GenEval-schema metadata .jsonl to use instead of the 553 GenEval prompts (e.g. shapes-data's heldout.jsonl)."),
-    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Score a set with fewer than 553 x 4 images (flagged in the result)."),
-    step: int | None = typer.Option(None, "--step", help="Checkpoint step to record (default: from the samples manifest)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Also write RUN/eval/geneval-step<N>.json (read by `fluid fit-scaling`)."
+    ),
+    detector: str = typer.Option(
+        "facebook/mask2former-swin-small-coco-instance",
+        "--detector",
+        help="Mask2Former hub id or local dir; py:MODULE:FUNCTION, a factory FUNCTION(classes) -> detector(image) -> [Detection]; or `shapes` (the shapes world's exact detector and pixel colours: shapes-GenEval).",
+    ),
+    clip: str = typer.Option(
+        "openai/clip-vit-large-patch14",
+        "--clip",
+        help="CLIP hub id or local dir; or py:MODULE:FUNCTION, a factory FUNCTION() -> classify(crops, class) -> colours.",
+    ),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="A GenEval-schema metadata .jsonl to use instead of the 553 GenEval prompts (e.g. shapes-data's heldout.jsonl).",
+    ),
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        help="Score a set with fewer than 553 x 4 images (flagged in the result).",
+    ),
+    step: int | None = typer.Option(
+        None, "--step", help="Checkpoint step to record (default: from the samples manifest)."
+    ),
     seed: int = typer.Option(0, help="Sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sampling batch size."),
     steps: int = typer.Option(64, "--steps", help="Random-order steps K."),
@@ -707,10 +783,16 @@ def eval_geneval_cmd(
     cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale."),
     cfg_schedule: str = typer.Option("linear", "--cfg-schedule", help="constant | linear."),
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    text_embeddings: Path | None = typer.Option(None, "--text-embeddings", help="A `fluid encode-text` artifact holding the 553 prompts (instead of running T5)."),
+    text_embeddings: Path | None = typer.Option(
+        None,
+        "--text-embeddings",
+        help="A `fluid encode-text` artifact holding the 553 prompts (instead of running T5).",
+    ),
     weights: str = typer.Option("ema", help="ema | model."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (sampling, detector and CLIP)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result JSON instead of the table and path."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the result JSON instead of the table and path."
+    ),
 ) -> None:
     """GenEval: generate (or take) 4 images per prompt and score them with the benchmark's rules.
 
@@ -733,7 +815,9 @@ def eval_geneval_cmd(
                 "temperature": temperature}  # fmt: skip
     sample = {"settings": settings, "seed": seed, "batch_size": batch_size, "text_embeddings": text_embeddings,
               "device": device, "weights": weights}  # fmt: skip
-    r = run_eval_geneval(checkpoint, images, out, run, detector, clip, device, allow_incomplete, step, sample, prompts)
+    r = run_eval_geneval(
+        checkpoint, images, out, run, detector, clip, device, allow_incomplete, step, sample, prompts
+    )
     if json_out:
         typer.echo(json.dumps(r))
     else:
@@ -814,21 +898,33 @@ def train_tokenizer_cmd(
     size: int = typer.Option(64, help="vae/vq: image side the tokenizer is trained at (64 | 32)."),
     layout: str = typer.Option("grid", help="vae/vq: the shapes layout it is trained on (grid | free)."),
     patch: int = typer.Option(
-        0, help="vae/vq: cell side in pixels that is encoded alone; 0 = one grid cell (grid), whole image (free)."
+        0,
+        help="vae/vq: cell side in pixels that is encoded alone; 0 = one grid cell (grid), whole image (free).",
     ),
     steps: int | None = typer.Option(
-        None, help="vae/vq: training steps (default 800: ~3 CPU-minutes for the grid world's vae; free layout: 3000)."
+        None,
+        help="vae/vq: training steps (default 800: ~3 CPU-minutes for the grid world's vae; free layout: 3000).",
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."),
-    lr: float | None = typer.Option(None, help="vae/vq: peak AdamW learning rate (default 3e-3; free layout: 2e-3)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."
+    ),
+    lr: float | None = typer.Option(
+        None, help="vae/vq: peak AdamW learning rate (default 3e-3; free layout: 2e-3)."
+    ),
     downsample: int = typer.Option(
         0, help="vae/vq: pixels per latent side; 0 = size/8 (64 px: VAE 16 tokens, VQ 64 codes; vq 16: 16)."
     ),
     vocab: int = typer.Option(512, help="vq: codebook size."),
-    kl_weight: float | None = typer.Option(None, "--kl-weight", help="vae: KL weight against the summed reconstruction loss (default 1e-6, as SD)."),
+    kl_weight: float | None = typer.Option(
+        None,
+        "--kl-weight",
+        help="vae: KL weight against the summed reconstruction loss (default 1e-6, as SD).",
+    ),
     width: int = typer.Option(64, help="t5: d_model (the text states' width)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the training images."),
-    threads: int = typer.Option(1, help="torch CPU threads (0: torch's default); small convs gain little from more."),
+    threads: int = typer.Option(
+        1, help="torch CPU threads (0: torch's default); small convs gain little from more."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report (quality, timings) as JSON."),
 ) -> None:
     """Train a shapes image tokenizer, or build the shapes T5 text encoder, offline. Prints OUT.
@@ -858,12 +954,22 @@ def train_tokenizer_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where data, tokenizers, the run and report.md go."),
-    minutes: float = typer.Option(15.0, "--minutes", help="Time budget for the whole pipeline; training gets what is left."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Where data, tokenizers, the run and report.md go."
+    ),
+    minutes: float = typer.Option(
+        15.0, "--minutes", help="Time budget for the whole pipeline; training gets what is left."
+    ),
     records: int = typer.Option(10000, "--records", help="Training images of the shapes dataset."),
     size: str = typer.Option("tiny", "--size", help="Registry size of the rand-cont model."),
-    tokenizer_steps: int | None = typer.Option(None, "--tokenizer-steps", help="Training steps of the shapes VAE (default: train-tokenizer's, 800; docs/shapes.md)."),
-    sample_steps: int = typer.Option(16, "--steps", help="K, random-order sampling steps (at most the 16 tokens)."),
+    tokenizer_steps: int | None = typer.Option(
+        None,
+        "--tokenizer-steps",
+        help="Training steps of the shapes VAE (default: train-tokenizer's, 800; docs/shapes.md).",
+    ),
+    sample_steps: int = typer.Option(
+        16, "--steps", help="K, random-order sampling steps (at most the 16 tokens)."
+    ),
     cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale for the samples."),
     seed: int = typer.Option(0, help="Seed of the data, the tokenizers and the model."),
 ) -> None:

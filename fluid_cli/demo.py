@@ -85,15 +85,36 @@ def run_demo(
     _stage(
         "shapes-data",
         data / "info.json",
-        ["shapes-data", str(data), "--records", str(records), "--seed", str(seed),
-         "--size", str(IMAGE_SIZE), "--layout", LAYOUT],  # fmt: skip
+        [
+            "shapes-data",
+            str(data),
+            "--records",
+            str(records),
+            "--seed",
+            str(seed),
+            "--size",
+            str(IMAGE_SIZE),
+            "--layout",
+            LAYOUT,
+        ],  # fmt: skip
         clock,
     )
     _stage(
         "train-tokenizer vae",
         vae / "fluid-tokenizer.json",
-        ["train-tokenizer", "vae", "--out", str(vae), "--seed", str(seed), "--size", str(IMAGE_SIZE),
-         "--layout", LAYOUT, *(["--steps", str(tokenizer_steps)] if tokenizer_steps else [])],  # fmt: skip
+        [
+            "train-tokenizer",
+            "vae",
+            "--out",
+            str(vae),
+            "--seed",
+            str(seed),
+            "--size",
+            str(IMAGE_SIZE),
+            "--layout",
+            LAYOUT,
+            *(["--steps", str(tokenizer_steps)] if tokenizer_steps else []),
+        ],  # fmt: skip
         clock,
     )
     _stage(
@@ -106,8 +127,17 @@ def run_demo(
     _stage(
         "tokenize",
         latents / "manifest.json",
-        ["tokenize", tars, "--tokenizer", str(vae), "--resolution", str(IMAGE_SIZE), "--no-flip",
-         "--out", str(latents)],  # fmt: skip
+        [
+            "tokenize",
+            tars,
+            "--tokenizer",
+            str(vae),
+            "--resolution",
+            str(IMAGE_SIZE),
+            "--no-flip",
+            "--out",
+            str(latents),
+        ],  # fmt: skip
         clock,
     )
     _stage(
@@ -117,7 +147,9 @@ def run_demo(
         clock,
     )
     train_min = max(0.05, (clock.budget_s - clock.elapsed() - SAMPLE_RESERVE_S) / 60)  # a few steps at least
-    log.info("demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, SAMPLE_RESERVE_S)
+    log.info(
+        "demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, SAMPLE_RESERVE_S
+    )
     if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*/COMMIT")):
         run_cli(
             [

@@ -62,10 +62,37 @@ SIZES: dict[str, Size] = {
     s.name: s
     for s in [
         # tiny: a debug flavour that trains in seconds on a laptop CPU (CI, the embedded demo)
-        Size("tiny", depth=2, width=64, heads=4, nominal_params=None, aligner_depth=1, head_depth=2, head_width=128),
+        Size(
+            "tiny",
+            depth=2,
+            width=64,
+            heads=4,
+            nominal_params=None,
+            aligner_depth=1,
+            head_depth=2,
+            head_width=128,
+        ),
         # mini, small: the CPU study's larger sizes (recipes/shapes_study.py, docs/shapes-study.md)
-        Size("mini", depth=3, width=96, heads=4, nominal_params=None, aligner_depth=2, head_depth=2, head_width=192),
-        Size("small", depth=4, width=128, heads=4, nominal_params=None, aligner_depth=2, head_depth=3, head_width=256),
+        Size(
+            "mini",
+            depth=3,
+            width=96,
+            heads=4,
+            nominal_params=None,
+            aligner_depth=2,
+            head_depth=2,
+            head_width=192,
+        ),
+        Size(
+            "small",
+            depth=4,
+            width=128,
+            heads=4,
+            nominal_params=None,
+            aligner_depth=2,
+            head_depth=3,
+            head_width=256,
+        ),
         Size("166m", depth=12, width=768, heads=12, nominal_params=166e6, paper_sec_per_image=0.047),
         Size("369m", depth=16, width=1024, heads=16, nominal_params=369e6, paper_sec_per_image=0.078),
         Size("665m", depth=20, width=1280, heads=16, nominal_params=665e6, paper_sec_per_image=0.110),

@@ -193,7 +193,11 @@ def write_layout(root: Path, benchmark: list[dict], stage: Path) -> int | None:
 
 
 def generate(
-    checkpoint: Path, root: Path, benchmark: list[dict], sample: dict, images_per_prompt: int = IMAGES_PER_PROMPT
+    checkpoint: Path,
+    root: Path,
+    benchmark: list[dict],
+    sample: dict,
+    images_per_prompt: int = IMAGES_PER_PROMPT,
 ) -> int | None:
     """Generate images_per_prompt (GenEval: 4) images per prompt with the sampler (resumable) and
     lay them out; returns the step."""

@@ -114,9 +114,7 @@ def place_grid(
     raise RuntimeError(f"could not place {shapes} in {px}px")  # does not happen: 16 cells, <= 4 shapes
 
 
-def draw(
-    spec: Spec, rng: np.random.Generator, px: int, layout: str = "grid"
-) -> tuple[np.ndarray, list[Obj]]:
+def draw(spec: Spec, rng: np.random.Generator, px: int, layout: str = "grid") -> tuple[np.ndarray, list[Obj]]:
     """An image that satisfies `spec` exactly: named colours as asked, the others at random.
     Returns the objects with their tight boxes."""
     shapes = list(spec.shapes) * spec.count if spec.tag == "counting" else list(spec.shapes)
@@ -194,7 +192,14 @@ def write_shapes(
     if records < 1:
         raise FluidError(f"--records must be at least 1 (got {records})")
     out = Path(out)
-    info = {"kind": "shapes", "records": records, "seed": seed, "size": size, "layout": layout, "tags": list(TAGS)}
+    info = {
+        "kind": "shapes",
+        "records": records,
+        "seed": seed,
+        "size": size,
+        "layout": layout,
+        "tags": list(TAGS),
+    }
     info_path = out / "info.json"
     if info_path.is_file():
         old = json.loads(info_path.read_text())

@@ -34,7 +34,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 60.0)
 
 
-def tokenizer_ceiling(tokenizer: str, seed: int, size: int, layout: str, n: int = 300, batch: int = 50) -> dict:
+def tokenizer_ceiling(
+    tokenizer: str, seed: int, size: int, layout: str, n: int = 300, batch: int = 50
+) -> dict:
     """shapes-GenEval of the tokenizer's reconstructions of n training images (records 0..n-1 of
     the dataset's seed), encoded and decoded as `fluid tokenize` / `fluid sample` do (latent means,
     patch-local if the tokenizer is): the best score any generator could reach through it. The
@@ -48,10 +50,17 @@ def tokenizer_ceiling(tokenizer: str, seed: int, size: int, layout: str, n: int 
     x = torch.from_numpy(np.stack([r[0] for r in recs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
     rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
-    return {"metric": "shapes-geneval", **summarize(rows), "images": n, "psnr_db": float(psnr(np.stack([r[0] for r in recs]), recon).mean())}
+    return {
+        "metric": "shapes-geneval",
+        **summarize(rows),
+        "images": n,
+        "psnr_db": float(psnr(np.stack([r[0] for r in recs]), recon).mean()),
+    }
 
 
-def evaluate(model, size: int, layout: str = "grid", n: int = 256, batch: int = 64) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model, size: int, layout: str = "grid", n: int = 256, batch: int = 64
+) -> tuple[dict, np.ndarray]:
     """PSNR and shapes-GenEval of reconstructions of n held-out images (seed EVAL_SEED)."""
     from fluid_cli.shapes.geneval import score_images
 
