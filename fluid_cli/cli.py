@@ -936,9 +936,10 @@ def train_tokenizer_cmd(
     """
     _need(kind in ("vae", "vq", "t5"), f"unknown tokenizer kind {kind!r}; valid: vae, vq, t5")
     _at_least(1, size=size, steps=steps, batch_size=batch_size, vocab=vocab, width=width)
-    _at_least(0, downsample=downsample, threads=threads)
+    _at_least(0, downsample=downsample, threads=threads, patch=patch)
+    _need(layout in ("grid", "free"), f"--layout must be grid or free, got {layout!r}")
     _finite(lr=lr, kl_weight=kl_weight)
-    _need(lr > 0, f"--lr must be positive, got {lr}")
+    _need(lr is None or lr > 0, f"--lr must be positive, got {lr}")
     _need(kl_weight is None or kl_weight >= 0, f"--kl-weight must not be negative, got {kl_weight}")
     _writable_dir(out)
     import json

@@ -173,6 +173,7 @@ _RANGES = {
     "train.grad_clip": (0.0, None),
     "train.ema_decay": (0.0, 1.0),
     "train.cfg_dropout": (0.0, 1.0),
+    "train.decay_fraction": (0.0, 1.0),
     "train.log_every": (1, None),
     "train.val_every": (0, None),
     "train.val_batches": (0, None),

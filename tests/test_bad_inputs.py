@@ -278,6 +278,11 @@ CASES = [
         lambda c: c.train("--set", "train.cfg_dropout=2.0"),
         "train.cfg_dropout must be between",
     ),
+    (
+        "train-decay-fraction-1.5",
+        lambda c: c.train("--set", "train.decay_fraction=1.5"),
+        "train.decay_fraction must be between 0.0 and 1.0",
+    ),
     ("train-batch-0", lambda c: c.train("--batch-size", "0"), "--batch-size must be at least 1"),
     ("train-steps-0", lambda c: c.train("--steps", "0"), "--steps must be at least 1"),
     (
@@ -471,6 +476,26 @@ CASES = [
         "train-tokenizer-lr-nan",
         lambda c: ["train-tokenizer", "vae", "--out", str(c.tmp / "tok"), "--lr", "nan"],
         "--lr must be a finite number",
+    ),
+    (
+        "shapes-data-grid-at-32",
+        lambda c: ["shapes-data", str(c.tmp / "sd"), "--size", "32"],
+        "--layout grid needs --size 64",
+    ),
+    (
+        "shapes-data-layout",
+        lambda c: ["shapes-data", str(c.tmp / "sd"), "--layout", "spiral"],
+        "--layout 'spiral' is not supported",
+    ),
+    (
+        "train-tokenizer-patch-negative",
+        lambda c: ["train-tokenizer", "vae", "--out", str(c.tmp / "tok"), "--patch", "-16"],
+        "--patch must be at least 0",
+    ),
+    (
+        "train-tokenizer-layout",
+        lambda c: ["train-tokenizer", "vae", "--out", str(c.tmp / "tok"), "--layout", "spiral"],
+        "--layout must be grid or free",
     ),
     ("synth-data-out-is-file", lambda c: ["synth-data", str(c.file())], "OUT"),
     (
