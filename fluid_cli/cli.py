@@ -977,8 +977,8 @@ def demo_cmd(
     """Run the whole pipeline offline on the built-in shapes benchmark and write a report. Prints its path.
 
     shapes-data -> train-tokenizer vae + t5 -> tokenize -> encode-text -> train rand-cont -> sample the
-    held-out prompts -> shapes-GenEval -> report.md (scores per tag, image grids, loss curve). About 15
-    minutes on 2 CPU cores; a rerun skips finished stages.
+    evaluation prompts -> shapes-GenEval -> report.md (scores per tag next to the tokenizer's ceiling,
+    image grids, loss curve). About 15 minutes on 2 CPU cores; a rerun skips finished stages.
     """
     from fluid_cli.registry import get_size
 
