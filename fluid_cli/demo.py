@@ -81,41 +81,20 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock(minutes)
+    world = ["--seed", str(seed), "--size", str(IMAGE_SIZE), "--layout", LAYOUT]  # data and tokenizer
     data, vae, t5 = out / "shapes", out / "tokenizers" / "vae", out / "tokenizers" / "t5"
     latents, text, run = out / "latents", out / "text", out / "run"
     _stage(
         "shapes-data",
         data / "info.json",
-        [
-            "shapes-data",
-            str(data),
-            "--records",
-            str(records),
-            "--seed",
-            str(seed),
-            "--size",
-            str(IMAGE_SIZE),
-            "--layout",
-            LAYOUT,
-        ],  # fmt: skip
+        ["shapes-data", str(data), "--records", str(records), *world],
         clock,
     )
+    steps = ["--steps", str(tokenizer_steps)] if tokenizer_steps else []
     _stage(
         "train-tokenizer vae",
         vae / "fluid-tokenizer.json",
-        [
-            "train-tokenizer",
-            "vae",
-            "--out",
-            str(vae),
-            "--seed",
-            str(seed),
-            "--size",
-            str(IMAGE_SIZE),
-            "--layout",
-            LAYOUT,
-            *(["--steps", str(tokenizer_steps)] if tokenizer_steps else []),
-        ],  # fmt: skip
+        ["train-tokenizer", "vae", "--out", str(vae), *world, *steps],
         clock,
     )
     _stage(
