@@ -34,6 +34,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 60.0)
 
 
+def _scored_reconstructions(model, recs: list, batch: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(originals, reconstructions, shapes-GenEval rows) of generator records, reconstructed in
+    batches as the pipeline does."""
+    from fluid_cli.shapes.geneval import score_images
+
+    originals = np.stack([r[0] for r in recs])
+    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, len(x), batch)])
+    rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
+    return originals, recon, rows
+
+
 def tokenizer_ceiling(
     tokenizer: str, seed: int, size: int, layout: str, n: int = 300, batch: int = 50
 ) -> dict:
@@ -42,19 +54,16 @@ def tokenizer_ceiling(
     patch-local if the tokenizer is): the best score any generator could reach through it. The
     same shape as the summary of the generated images (overall, tags, counts)."""
     from fluid_cli.eval.geneval_run import summarize
-    from fluid_cli.shapes.geneval import score_images
     from fluid_cli.stages import pretrained as pt
 
     model = pt.load_image_tokenizer(pt.resolve_image_tokenizer(tokenizer))
     recs = [record(seed, i, size, layout) for i in range(n)]
-    x = torch.from_numpy(np.stack([r[0] for r in recs])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
-    rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
+    originals, recon, rows = _scored_reconstructions(model, recs, batch)
     return {
         "metric": "shapes-geneval",
         **summarize(rows),
         "images": n,
-        "psnr_db": float(psnr(np.stack([r[0] for r in recs]), recon).mean()),
+        "psnr_db": float(psnr(originals, recon).mean()),
     }
 
 
@@ -62,13 +71,8 @@ def evaluate(
     model, size: int, layout: str = "grid", n: int = 256, batch: int = 64
 ) -> tuple[dict, np.ndarray]:
     """PSNR and shapes-GenEval of reconstructions of n held-out images (seed EVAL_SEED)."""
-    from fluid_cli.shapes.geneval import score_images
-
     recs = [record(EVAL_SEED, i, size, layout) for i in range(n)]
-    originals = np.stack([r[0] for r in recs])
-    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    recon = np.concatenate([to_uint8(reconstruct(model, x[i : i + batch])) for i in range(0, n, batch)])
-    rows = score_images((r[2], img) for r, img in zip(recs, recon, strict=True))
+    originals, recon, rows = _scored_reconstructions(model, recs, batch)
     tags: dict[str, list[bool]] = {}
     for row in rows:
         tags.setdefault(row["tag"], []).append(row["correct"])

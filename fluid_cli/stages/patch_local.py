@@ -83,6 +83,3 @@ class PatchLocal(torch.nn.Module):
         """Latents per cell side: the encoder halves the side in every down block but the last."""
         blocks = len(self.model.config.down_block_types)
         return self.patch // 2 ** (blocks - 1)
-
-    def forward(self, x: torch.Tensor):  # not used by fluid; a module needs one
-        return self.decode(self.encode(x).latent_dist.mode()).sample
