@@ -42,7 +42,9 @@ def test_a_cell_only_changes_its_own_latents():
     with torch.no_grad():
         a, b = model.encode(x).latent_dist.mean, model.encode(y).latent_dist.mean
     assert a.shape == (1, 4, 8, 8)
-    changed = (a != b).any(dim=1)  # (1, 8, 8) latent positions that differ
+    # (1, 8, 8) latent positions that differ beyond rounding: identical cells are encoded once, so
+    # the two images' cells go through the encoder in differently composed batches
+    changed = ((a - b).abs() > 1e-5).any(dim=1)
     assert changed[0, :4, 4:].all() and not changed[0, 4:].any() and not changed[0, :4, :4].any()
     with torch.no_grad():
         img = model.decode(a).sample
