@@ -25,7 +25,8 @@ class ModelSection:
     variant: str = "rand-cont"
     size: str = "tiny"
     diffusion_batch_mul: int = 4  # MAR's default: 4 noise draws per token per step
-    # "eps" as MAR; "v" learns far faster on short CPU runs (docs/shapes.md), paper recipes keep eps
+    # "eps" as MAR; "v" or "x0" (JiT) weight the high-noise steps where the condition decides a
+    # token's content (docs/shapes.md, docs/demo.md); the paper recipes keep eps
     head_prediction: str = "eps"
     head_width: int = 0  # diffusion head width (MAR sizes it apart from the backbone); 0 = backbone width
 
@@ -212,8 +213,12 @@ def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: lis
     recipe = _apply(recipe, parse_set(sets), "--set")
     get_variant(recipe.model.variant)
     get_size(recipe.model.size)
-    if recipe.model.head_prediction not in ("eps", "v"):
-        raise FluidError(f"model.head_prediction must be eps or v, not {recipe.model.head_prediction!r}")
+    from fluid_cli.models.gaussian_diffusion import PREDICTIONS  # torch, so only when checking
+
+    if recipe.model.head_prediction not in PREDICTIONS:
+        raise FluidError(
+            f"model.head_prediction must be one of {', '.join(PREDICTIONS)}, not {recipe.model.head_prediction!r}"
+        )
     _check_ranges(recipe)
     t = recipe.train
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:

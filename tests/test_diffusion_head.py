@@ -127,7 +127,29 @@ def test_v_prediction_matches_eps_prediction() -> None:
     torch.testing.assert_close(eps_err, 0.01 * ab, atol=1e-6, rtol=1e-3)
     assert de.prediction == "eps" and GaussianDiffusion.respaced(1000, 10, "v").prediction == "v"
     with pytest.raises(ValueError, match="unknown prediction"):
-        GaussianDiffusion.cosine(10, "x0")
+        GaussianDiffusion.cosine(10, "x_0")
+
+
+def test_x0_prediction_matches_eps_prediction() -> None:
+    """An x0-predicting network that outputs the true x0 is, after to_eps, the eps cheat; its sampler
+    sees exactly that x0; and a wrong x0 costs the same mse at every noise level (unlike eps)."""
+    g = torch.Generator().manual_seed(3)
+    n, c = 64, 16
+    x0, noise = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    t = torch.randint(1, 1000, (n,), generator=g)
+    d = GaussianDiffusion.cosine(1000, "x0")
+    fixed_var = -torch.ones(n, c)
+    true_x0 = lambda x, tm: torch.cat([x0, fixed_var], dim=1)  # noqa: E731
+    terms = d.training_losses(true_x0, x0, t, noise)
+    assert terms["mse"].max() < 1e-12 and terms["vb"].abs().max() < 1e-3
+    x_t = d.q_sample(x0, t, noise)
+    eps_out = d.to_eps(true_x0(x_t, t), x_t, t)
+    torch.testing.assert_close(eps_out[:, :c], noise, atol=2e-3, rtol=1e-3)
+    _, _, pred_x0 = d.p_mean_log_variance(eps_out, x_t, t)
+    # the round trip x0 -> eps -> x0 multiplies float32 rounding by 1/sqrt(alpha_bar), ~2e4 at t=999
+    torch.testing.assert_close(pred_x0, x0, atol=1e-2, rtol=1e-3)
+    wrong = lambda x, tm: torch.cat([x0 + 0.1, fixed_var], dim=1)  # noqa: E731
+    torch.testing.assert_close(d.training_losses(wrong, x0, t, noise)["mse"], torch.full((n,), 0.01))
 
 
 def test_vb_gradient_only_into_variance() -> None:

@@ -30,7 +30,7 @@ class ModelConfig:
     patch: int = 2  # continuous: latent pixels grouped per token side
     diffusion_steps: int = 1000  # training steps of the per-token diffusion (cosine schedule)
     diffusion_batch_mul: int = 4  # MAR's diffusion_batch_mul: noise draws per token per step
-    head_prediction: str = "eps"  # what the diffusion head predicts: "eps" (MAR) or "v"
+    head_prediction: str = "eps"  # what the diffusion head predicts: "eps" (MAR), "v" or "x0"
     head_width_override: int = 0  # diffusion head width; 0 = the backbone's width
 
     @property

@@ -2,7 +2,7 @@
 
 Owns the noise schedule, the hybrid training loss and the ancestral / DDIM samplers, written from
 the formulas of Improved DDPM (Nichol & Dhariwal 2021) in the configuration MAR's ``DiffLoss`` uses:
-cosine schedule with 1000 training steps, epsilon prediction (or, as an option, v-prediction),
+cosine schedule with 1000 training steps, epsilon prediction (or, as options, v- or x0-prediction),
 learned-range variance
 ("LEARNED_RANGE"), MSE loss plus the variational bound with a frozen mean, no x0 clipping, and
 sampling over an evenly respaced subset of the steps (100 for Fluid).
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-PREDICTIONS = ("eps", "v")  # what the network outputs besides the variance interpolant
+PREDICTIONS = ("eps", "v", "x0")  # what the network outputs besides the variance interpolant
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 
@@ -197,15 +197,20 @@ class GaussianDiffusion:
 
     def to_eps(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's (N, 2C) output with its first C channels as eps, whatever it predicts.
-        v -> eps = sqrt(ab)·v + sqrt(1-ab)·x_t. Affine in the output for a fixed x_t, so guidance
-        mixes v exactly as it would mix eps."""
+        v -> eps = sqrt(ab)·v + sqrt(1-ab)·x_t; x0 -> eps = (x_t/sqrt(ab) - x0) / sqrt(1/ab - 1). Both
+        are affine in the output for a fixed x_t, so guidance mixes v or x0 exactly as it would eps."""
         if self.prediction == "eps":
             return model_out
         c = x_t.shape[1]
-        eps = (
-            self._at("sqrt_alphas_cumprod", t, x_t) * model_out[:, :c]
-            + self._at("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
-        )
+        if self.prediction == "v":
+            eps = (
+                self._at("sqrt_alphas_cumprod", t, x_t) * model_out[:, :c]
+                + self._at("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+            )
+        else:  # x0
+            eps = (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - model_out[:, :c]) / self._at(
+                "sqrt_recipm1_alphas_cumprod", t, x_t
+            )
         return torch.cat([eps, model_out[:, c:]], dim=1)
 
     def p_mean_log_variance(
@@ -232,8 +237,9 @@ class GaussianDiffusion:
         self, model_fn: ModelFn, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Hybrid loss of IDDPM / DiT / MAR: mse + vb, both (N,), vb in bits per dim. The mse is on
-        what the network predicts: eps (MAR), or v (= eps error x 1/alpha_bar, which weights the
-        high-noise steps, where only the condition tells x_0, far more: docs/shapes.md).
+        what the network predicts: eps (MAR), v (= eps error x 1/alpha_bar, which weights the
+        high-noise steps, where only the condition tells x_0, far more: docs/shapes.md), or x0 (JiT:
+        the x0 error itself, as large at high noise as anywhere).
 
         ``model_fn(x_t, t_model)`` gets the training step ``timestep_map[t]`` and returns (N, 2C).
         The vb term sees the mean prediction detached, so it trains only the variance output.
@@ -241,7 +247,9 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise)  # (N, C)
         out = model_fn(x_t, self.model_timesteps(t)).float()  # (N, 2C)
         c = x_start.shape[1]
-        target = noise if self.prediction == "eps" else self.v_target(x_start, t, noise)
+        target = {"eps": noise, "x0": x_start}.get(self.prediction)
+        if target is None:
+            target = self.v_target(x_start, t, noise)
         mse = ((target - out[:, :c]) ** 2).flatten(1).mean(dim=1)  # (N,)
         eps = self.to_eps(out, x_t, t)[:, :c]
 
