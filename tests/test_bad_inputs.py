@@ -91,7 +91,7 @@ def png(path: Path, size: int = 16, seed: int = 0) -> Path:
 def shared(tmp_path_factory) -> Path:
     """Three-shard synthetic artifacts (verified once) and a tiny run with a committed checkpoint."""
     from fluid_cli.config import resolve
-    from fluid_cli.train import loop, setup
+    from fluid_cli.train import loop, state
 
     root = tmp_path_factory.mktemp("shared")
     write_synthetic(root / "synth", records=48, seed=0, per_shard=16)
@@ -100,7 +100,7 @@ def shared(tmp_path_factory) -> Path:
                       "val_records": 0},
              "train": {"steps": 2, "batch_size": 8, "val_every": 0, "ckpt_every": 2},
              "runtime": {"device": "cpu"}}  # fmt: skip
-    loop.run(setup.build(resolve(None, flags, []), root / "run", False))
+    loop.run(state.build(resolve(None, flags, []), root / "run", False))
     return root
 
 

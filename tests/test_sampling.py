@@ -49,7 +49,7 @@ def synth(tmp_path_factory) -> Path:
 def runs(synth: Path, tmp_path_factory) -> dict[str, Path]:
     """variant -> run dir with one committed checkpoint (3 steps at a high rate, so weights move)."""
     from fluid_cli.config import resolve
-    from fluid_cli.train import loop, setup
+    from fluid_cli.train import loop, state
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def runs(synth: Path, tmp_path_factory) -> dict[str, Path]:
                  "train": {"steps": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "val_every": 0,
                            "ckpt_every": 3, "ema_decay": 0.5},
                  "runtime": {"device": "cpu"}}  # fmt: skip
-        out[v] = loop.run(setup.build(resolve(None, flags, []), tmp_path_factory.mktemp(v), False))
+        out[v] = loop.run(state.build(resolve(None, flags, []), tmp_path_factory.mktemp(v), False))
     torch.set_num_threads(threads)
     return out
 
