@@ -25,4 +25,6 @@ from fluid_cli.cli.entry import main, run_cli
 for _group in ("scaling", "train", "data", "bench", "sample", "evaluation", "tools"):
     importlib.import_module(f"fluid_cli.cli.{_group}")
 
-__all__ = ["app", "main", "run_cli"]
+from fluid_cli.cli.bench import bench_app  # noqa: E402  (after the loop: registered in order)
+
+__all__ = ["app", "bench_app", "main", "run_cli"]

@@ -257,7 +257,9 @@ def run(state: TrainState) -> Path:
                     _save(state, state.step)
             if stop:
                 if stop == "preempted":
-                    raise RequeueExit(f"preempted at step {state.step}; checkpoint saved, rerun with --resume")
+                    raise RequeueExit(
+                        f"preempted at step {state.step}; checkpoint saved, rerun with --resume"
+                    )
                 log.info(
                     "time limit of %.2f min reached at step %d; checkpoint saved",
                     t.time_limit_min,
