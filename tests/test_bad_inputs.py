@@ -539,14 +539,14 @@ def test_the_table_covers_every_command():
 def test_flipped_byte_is_refused_before_any_step_and_verification_is_recorded(
     shared, tmp_path, capsys, monkeypatch
 ):
-    from fluid_cli import shards
+    from fluid_cli import artifact, shards
 
     ctx = Ctx(shared, tmp_path)
     art = ctx.copy(shared / "synth" / "latents", "lat")
     (art / shards.VERIFIED).unlink(missing_ok=True)
     calls = []
-    real = shards._sha256
-    monkeypatch.setattr(shards, "_sha256", lambda p: calls.append(p.name) or real(p))
+    real = artifact.sha256_of
+    monkeypatch.setattr(artifact, "sha256_of", lambda p: calls.append(p.name) or real(p))
     code, _, err = run_main(ctx.train("--steps", "1", latents=art), capsys)
     assert code == 0, err
     assert sorted(calls) == [f"shard-0000{i}.safetensors" for i in range(3)]  # hashed once each
@@ -600,7 +600,7 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_wds_tars, tiny_v
 
 
 def test_encode_text_skips_non_utf8_prompt_lines_as_sample_does(tiny_t5_dir, tmp_path, capsys):
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(b"a red cube\n\xff\xfe broken \xe9\nthree yellow flowers\n")

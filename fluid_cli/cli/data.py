@@ -33,7 +33,7 @@ def verify_cmd(
     """
     import json
 
-    from fluid_cli.shards import verify_paths
+    from fluid_cli.artifact import verify_paths
 
     for r in verify_paths(list(artifacts)):
         if json_out:

@@ -47,7 +47,7 @@ def random_orders(keys: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, to
 def _backbone(model: FluidModel, tokens, masked, ctx, ctx_mask, guided: bool) -> torch.Tensor:
     if guided:  # both halves see the same tokens (MAR)
         tokens, masked = torch.cat([tokens, tokens]), torch.cat([masked, masked])
-    return model.decode(tokens, ctx, ctx_mask, masked)  # ((2)B, L, W)
+    return model.backbone_pass(tokens, ctx, ctx_mask, masked)  # ((2)B, L, W)
 
 
 @torch.no_grad()

@@ -190,7 +190,7 @@ class _Progress:
 def _check_text_artifact(path: str | Path) -> None:
     """The --text-embeddings artifact as the manifest describes it (sha256 on first use, recorded),
     checked before the checkpoint is loaded: a damaged shard is refused by name, not sampled from."""
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     art = Artifact.open(path, "text-embeddings", what="--text-embeddings")
     bad = art.problems()[0]
