@@ -715,12 +715,13 @@ def test_a_truncated_reference_image_is_named(tmp_path):
 
 def test_a_read_only_artifact_keeps_its_verification_record_in_the_cache(shared, tmp_path, monkeypatch):
     from fluid_cli import shards
+    from fluid_cli.artifact import Artifact
 
-    art = shards.Artifact.open(Ctx(shared, tmp_path).copy(shared / "synth" / "codes"))
+    art = Artifact.open(Ctx(shared, tmp_path).copy(shared / "synth" / "codes"))
     (art.root / shards.VERIFIED).unlink(missing_ok=True)
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the record's folder would go\n")
     cache = tmp_path / "cache" / "rec.json"
-    monkeypatch.setattr(shards.Artifact, "_record_paths", lambda self: [blocked / "verified.json", cache])
+    monkeypatch.setattr(Artifact, "_record_paths", lambda self: [blocked / "verified.json", cache])
     assert art.verify() == ([], sum(s["bytes"] for s in art.manifest["shards"]))
     assert cache.is_file() and art.verify() == ([], 0)  # recorded in the cache: not hashed again
