@@ -18,10 +18,11 @@ from datetime import timedelta
 
 import torch
 
+from fluid_cli.config import Device, Precision, choices
 from fluid_cli.errors import FluidError
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cuda", "xla", "mps", "cpu")
+DEVICES = choices(Device)
 
 
 def _xla_configured() -> bool:
@@ -71,8 +72,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """bf16 on accelerators and fp32 (no autocast) on CPU, unless asked otherwise."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise FluidError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
+    if precision not in choices(Precision):
+        raise FluidError(f"unknown precision {precision!r}; valid: {', '.join(choices(Precision))}")
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
     return torch.bfloat16

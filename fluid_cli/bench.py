@@ -25,6 +25,8 @@ from fluid_cli.models.fluid_model import FluidModel
 from fluid_cli.registry import PAPER_DATA
 from fluid_cli.train.optim import make_optimizer
 
+WARMUP_STEPS = 2  # untimed: the first steps allocate, autotune and (with --compile) compile
+
 # dense bf16 peaks in TFLOP/s, matched in order against the device name (torch.cuda.get_device_name,
 # or 'TPU <accelerator type>' on TPU VMs); the first key found in the name wins
 PEAK_TFLOPS = {
@@ -104,10 +106,12 @@ def no_input_grad_flops(cfg: ModelConfig) -> int:
     return f
 
 
-def _timed_steps(model, fwd, opt, cfg, batch, device, amp, steps, warmup) -> list[float]:
+def _timed_steps(model, fwd, opt, make_batch, device, amp, steps, warmup) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones; make_batch(step) gives
+    the model inputs."""
     times = []
     for step in range(warmup + steps):
-        inputs = random_batch(cfg, batch, device, step)
+        inputs = make_batch(step)
         backend.synchronize(device)
         t0 = time.perf_counter()
         with backend.autocast(device, amp):
@@ -130,16 +134,16 @@ def bench_train(
     size: str,
     batch: int,
     steps: int = 5,
-    warmup: int = 2,
     device_name: str = "auto",
     precision: str = "auto",
     compile: bool = False,
-    paper_shapes: bool = True,
     activation_checkpointing: bool = False,
 ) -> dict:
+    """Training throughput of one process at the paper's data shapes: `steps` timed steps after
+    WARMUP_STEPS untimed ones."""
     device = backend.resolve_device(device_name)
     amp = backend.autocast_dtype(device, precision)
-    cfg = bench_config(variant, size, paper_shapes)
+    cfg = bench_config(variant, size, paper_shapes=True)
     torch.manual_seed(0)
     counted = counted_flops(cfg)  # model FLOPs: activation checkpointing's recompute is excluded
     model = FluidModel(cfg).to(device)
@@ -149,7 +153,9 @@ def bench_train(
         apply_activation_checkpointing(model)
     opt = make_optimizer(model, 1e-4, (0.9, 0.95), 0.02)
     fwd = backend.compile_fn(model, device) if compile else model
-    times = _timed_steps(model, fwd, opt, cfg, batch, device, amp, steps, max(warmup, 1))
+    times = _timed_steps(
+        model, fwd, opt, lambda step: random_batch(cfg, batch, device, step), device, amp, steps, WARMUP_STEPS
+    )
     dt = sum(times) / len(times)
     analytic = 3 * train_flops_per_image(cfg)
     flops = analytic * batch / dt

@@ -1,4 +1,5 @@
-"""Recipes: TOML files and `--set section.key=value` overrides, checked against typed dataclasses.
+"""Recipes: TOML files and `--set section.key=value` overrides, checked against typed dataclasses;
+and the choice-valued settings of every stage (Literal types, checked by `check_choices`).
 
 Each section is a frozen dataclass and each component receives only its own section (torchtitan's
 lesson). Unknown sections or keys and wrong types are errors that list the valid ones. Precedence:
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 try:
     import tomllib
@@ -19,15 +20,57 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pypro
 from fluid_cli.errors import FluidError
 from fluid_cli.registry import get_size, get_variant
 
+# ---- choice-valued settings: the values are the type, listed by `choices`, checked by check_choices --
+Device = Literal["auto", "cuda", "xla", "mps", "cpu"]
+Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on accelerators, fp32 on cpu
+Parallel = Literal["auto", "ddp", "fsdp"]  # auto: fsdp for sizes >= 3.1b, else ddp
+Checkpointing = Literal["auto", "on", "off"]  # auto: on with fsdp
+HeadPrediction = Literal["eps", "v", "x0"]  # what the diffusion head predicts (gaussian_diffusion.py)
+CfgSchedule = Literal["constant", "linear"]
+Sampler = Literal["ddpm", "ddim"]
+DiscreteOrder = Literal["random", "confidence"]
+HeadTokens = Literal["chosen", "all"]
+Weights = Literal["ema", "model"]
+FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]  # clean-fid's resize modes
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The values of a choice type: choices(Sampler) == ('ddpm', 'ddim'); for CLI help and errors."""
+    return get_args(kind)
+
+
+def check_choices(settings: Any, where: str = "--") -> None:
+    """Every Literal-typed field of a settings dataclass holds one of its values, else one error
+    line naming it as a flag (where="--": `--cfg-schedule 'x' is not one of constant, linear`) or as
+    a recipe key (where="runtime.": `runtime.parallel 'x' is not one of auto, ddp, fsdp`). The one
+    place choices are validated: each settings class calls it from __post_init__."""
+    hints = get_type_hints(type(settings))
+    for f in fields(settings):
+        valid = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+        value = getattr(settings, f.name)
+        if valid and value not in valid:
+            name = f"--{f.name.replace('_', '-')}" if where == "--" else f"{where}{f.name}"
+            raise FluidError(f"{name} {value!r} is not one of {', '.join(valid)}")
+
+
+class _Section:
+    """A recipe section: its choice keys are checked whenever it is built (defaults, file, --set)."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_choices(self, f"{self.name}.")
+
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Section):
+    name: ClassVar[str] = "model"
     variant: str = "rand-cont"
     size: str = "tiny"
     diffusion_batch_mul: int = 4  # MAR's default: 4 noise draws per token per step
     # "eps" as MAR; "v" or "x0" (JiT) weight the high-noise steps where the condition decides a
     # token's content (docs/shapes.md, docs/demo.md); the paper recipes keep eps
-    head_prediction: str = "eps"
+    head_prediction: HeadPrediction = "eps"
     head_width: int = 0  # diffusion head width (MAR sizes it apart from the backbone); 0 = backbone width
 
 
@@ -69,14 +112,14 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
-class RuntimeSection:
-    device: str = "auto"  # auto | cuda | xla | mps | cpu
-    precision: str = "auto"  # auto (bf16 on accelerators, fp32 on cpu) | bf16 | fp32
+class RuntimeSection(_Section):
+    name: ClassVar[str] = "runtime"
+    device: Device = "auto"
+    precision: Precision = "auto"
     compile: bool = False
     preempt_budget_s: float = 30.0
-    # multi-process wrapping (train/distributed.py): auto = fsdp for sizes >= 3.1b, else ddp
-    parallel: str = "auto"  # auto | ddp | fsdp
-    activation_checkpointing: str = "auto"  # auto (on with fsdp) | on | off
+    parallel: Parallel = "auto"  # multi-process wrapping (train/distributed.py)
+    activation_checkpointing: Checkpointing = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,6 +139,8 @@ _SECTION_TYPES = get_type_hints(Recipe)
 
 def _check_value(section: str, key: str, value: Any, typ: type) -> Any:
     where = f"{section}.{key}"
+    if get_origin(typ) is Literal:  # a choice: a string here, its value checked by the section
+        typ = str
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
@@ -115,7 +160,8 @@ def _apply(recipe: Recipe, overrides: dict[str, dict[str, Any]], origin: str) ->
         if not isinstance(values, dict):
             raise FluidError(f"[{section}] in {origin} must be a table of keys")
         current = getattr(recipe, section)
-        hints = get_type_hints(type(current))
+        all_hints = get_type_hints(type(current))
+        hints = {f.name: all_hints[f.name] for f in fields(current)}  # not the ClassVar `name`
         for key, value in values.items():
             if key not in hints:
                 raise FluidError(
@@ -213,12 +259,6 @@ def resolve(path: str | Path | None, flags: dict[str, dict[str, Any]], sets: lis
     recipe = _apply(recipe, parse_set(sets), "--set")
     get_variant(recipe.model.variant)
     get_size(recipe.model.size)
-    from fluid_cli.models.gaussian_diffusion import PREDICTIONS  # torch, so only when checking
-
-    if recipe.model.head_prediction not in PREDICTIONS:
-        raise FluidError(
-            f"model.head_prediction must be one of {', '.join(PREDICTIONS)}, not {recipe.model.head_prediction!r}"
-        )
     _check_ranges(recipe)
     t = recipe.train
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:

@@ -14,9 +14,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fluid_cli.errors import FluidError
+from fluid_cli.settings import DemoSettings, SampleRunSettings, SampleSettings
 
 log = logging.getLogger(__name__)
 # sampling + scoring + ceiling + report: 101-111 s measured for 330 images at tiny size
@@ -28,14 +30,9 @@ IMAGES_PER_PROMPT = 5
 CEILING_IMAGES = 300  # training images whose reconstructions give the tokenizer ceiling
 
 
-def run_cli(args: list[str]) -> None:
-    """One stage through the real CLI, in-process, its stdout (the output path) sent to stderr.
-    Also used by recipes/shapes_study.py."""
-    from fluid_cli.cli import app
-
-    log.info("$ fluid %s", " ".join(args))
-    with contextlib.redirect_stdout(sys.stderr):
-        app(args, standalone_mode=False)
+# One stage through the real CLI, in-process (fluid_cli.cli.run_cli): passed in by the demo command,
+# so this module never imports the CLI that imports it.
+RunCli = Callable[[list[str]], None]
 
 
 class _Clock:
@@ -60,27 +57,24 @@ class _Clock:
         )  # fmt: skip
 
 
-def _stage(name: str, done: Path, args: list[str], clock: _Clock) -> None:
-    if done.exists():
-        log.info("%s: already done (%s)", name, done)
-    else:
-        run_cli(args)
-    clock.lap(name)
-
-
-def run_demo(
-    out: Path,
-    minutes: float = 15.0,
-    records: int = 10000,
-    size: str = "tiny",
-    seed: int = 0,
-    tokenizer_steps: int | None = None,
-    sample_steps: int = 16,
-    cfg: float = 3.0,
-) -> Path:
-    out = Path(out)
+def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
+    out, minutes, records, size = Path(settings.out), settings.minutes, settings.records, settings.size
+    seed, tokenizer_steps, sample_steps, cfg = (
+        settings.seed,
+        settings.tokenizer_steps,
+        settings.sample_steps,
+        settings.cfg,
+    )
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock(minutes)
+
+    def _stage(name: str, done: Path, args: list[str], clock: _Clock) -> None:
+        if done.exists():
+            log.info("%s: already done (%s)", name, done)
+        else:
+            run_cli(args)
+        clock.lap(name)
+
     world = ["--seed", str(seed), "--size", str(IMAGE_SIZE), "--layout", LAYOUT]  # data and tokenizer
     data, vae, t5 = out / "shapes", out / "tokenizers" / "vae", out / "tokenizers" / "t5"
     latents, text, run = out / "latents", out / "text", out / "run"
@@ -173,9 +167,10 @@ def _geneval(run: Path, data: Path, root: Path, steps: int, cfg: float) -> dict:
     bench = [json.loads(x) for x in (data / "heldout.jsonl").read_text().splitlines() if x.strip()]
     if not bench:
         raise FluidError(f"{data / 'heldout.jsonl'} holds no prompts; delete {data} and rerun the demo")
-    sample = {"settings": {"steps": steps, "cfg": cfg}, "batch_size": 64, "device": "cpu", "seed": 0}
+    sample = SampleRunSettings(checkpoint=run, out=root, sampling=SampleSettings(steps=steps, cfg=cfg), seed=0,
+                               batch_size=64, images_per_prompt=IMAGES_PER_PROMPT, device="cpu")  # fmt: skip
     with contextlib.redirect_stdout(sys.stderr):
-        generate(run, root, bench, sample, images_per_prompt=IMAGES_PER_PROMPT)
+        generate(root, bench, sample)
     result = score_shapes_folder(root)
     (root / "shapes-geneval.json").write_text(
         json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1) + "\n"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fluid_cli.demo import run_cli
+from fluid_cli.cli import run_cli
 from fluid_cli.errors import FluidError
 
 HERE = Path(__file__).resolve().parent

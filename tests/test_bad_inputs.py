@@ -91,7 +91,7 @@ def png(path: Path, size: int = 16, seed: int = 0) -> Path:
 def shared(tmp_path_factory) -> Path:
     """Three-shard synthetic artifacts (verified once) and a tiny run with a committed checkpoint."""
     from fluid_cli.config import resolve
-    from fluid_cli.train import loop, setup
+    from fluid_cli.train import loop, state
 
     root = tmp_path_factory.mktemp("shared")
     write_synthetic(root / "synth", records=48, seed=0, per_shard=16)
@@ -100,7 +100,7 @@ def shared(tmp_path_factory) -> Path:
                       "val_records": 0},
              "train": {"steps": 2, "batch_size": 8, "val_every": 0, "ckpt_every": 2},
              "runtime": {"device": "cpu"}}  # fmt: skip
-    loop.run(setup.build(resolve(None, flags, []), root / "run", False))
+    loop.run(state.build(resolve(None, flags, []), root / "run", False))
     return root
 
 
@@ -539,14 +539,14 @@ def test_the_table_covers_every_command():
 def test_flipped_byte_is_refused_before_any_step_and_verification_is_recorded(
     shared, tmp_path, capsys, monkeypatch
 ):
-    from fluid_cli import shards
+    from fluid_cli import artifact, shards
 
     ctx = Ctx(shared, tmp_path)
     art = ctx.copy(shared / "synth" / "latents", "lat")
     (art / shards.VERIFIED).unlink(missing_ok=True)
     calls = []
-    real = shards._sha256
-    monkeypatch.setattr(shards, "_sha256", lambda p: calls.append(p.name) or real(p))
+    real = artifact.sha256_of
+    monkeypatch.setattr(artifact, "sha256_of", lambda p: calls.append(p.name) or real(p))
     code, _, err = run_main(ctx.train("--steps", "1", latents=art), capsys)
     assert code == 0, err
     assert sorted(calls) == [f"shard-0000{i}.safetensors" for i in range(3)]  # hashed once each
@@ -600,7 +600,7 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_wds_tars, tiny_v
 
 
 def test_encode_text_skips_non_utf8_prompt_lines_as_sample_does(tiny_t5_dir, tmp_path, capsys):
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(b"a red cube\n\xff\xfe broken \xe9\nthree yellow flowers\n")
@@ -715,12 +715,13 @@ def test_a_truncated_reference_image_is_named(tmp_path):
 
 def test_a_read_only_artifact_keeps_its_verification_record_in_the_cache(shared, tmp_path, monkeypatch):
     from fluid_cli import shards
+    from fluid_cli.artifact import Artifact
 
-    art = shards.Artifact.open(Ctx(shared, tmp_path).copy(shared / "synth" / "codes"))
+    art = Artifact.open(Ctx(shared, tmp_path).copy(shared / "synth" / "codes"))
     (art.root / shards.VERIFIED).unlink(missing_ok=True)
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the record's folder would go\n")
     cache = tmp_path / "cache" / "rec.json"
-    monkeypatch.setattr(shards.Artifact, "_record_paths", lambda self: [blocked / "verified.json", cache])
+    monkeypatch.setattr(Artifact, "_record_paths", lambda self: [blocked / "verified.json", cache])
     assert art.verify() == ([], sum(s["bytes"] for s in art.manifest["shards"]))
     assert cache.is_file() and art.verify() == ([], 0)  # recorded in the cache: not hashed again

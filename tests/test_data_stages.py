@@ -21,9 +21,9 @@ import torch
 from conftest import CAPTIONS, TINY_RESOLUTION, image_bytes, wds_members, write_tar
 from typer.testing import CliRunner
 
+from fluid_cli.artifact import Artifact
 from fluid_cli.cli import app
 from fluid_cli.errors import FluidError
-from fluid_cli.shards import Artifact
 
 RES = str(TINY_RESOLUTION)
 

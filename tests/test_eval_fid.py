@@ -19,6 +19,7 @@ from fluid_cli.errors import FluidError
 from fluid_cli.eval import fid as F
 from fluid_cli.eval.coco_prompts import draw, read_coco, write_coco_prompts
 from fluid_cli.eval.fid_run import run_eval_fid
+from fluid_cli.settings import EvalFidSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -147,10 +148,15 @@ def coco_set(tmp_path_factory):
     return d
 
 
+def _fid(images, feature_extractor=None, extractor_name="custom", **settings):
+    """run_eval_fid with the settings as keywords, as the tests read best."""
+    return run_eval_fid(EvalFidSettings(images=images, **settings), feature_extractor, extractor_name)
+
+
 def test_eval_fid_end_to_end_with_tiny_extractor(coco_set, tmp_path):
     d = coco_set
     kw = {"feature_extractor": pixel_stats, "extractor_name": "pixel-stats", "device": "cpu"}
-    r = run_eval_fid(d / "samples", make_ref=True, ref=tmp_path / "ref.npz", ref_images=d / "train2014",
+    r = _fid(d / "samples", make_ref=True, ref=tmp_path / "ref.npz", ref_images=d / "train2014",
                      ref_list=d / "list.jsonl", run_dir=tmp_path / "run", **kw)  # fmt: skip
     real = F.image_features(sorted((d / "train2014").glob("*.jpg")), pixel_stats, "clean", "cpu")
     fake = F.image_features(sorted((d / "samples").glob("*.png")), pixel_stats, "clean", "cpu")
@@ -169,18 +175,16 @@ def test_eval_fid_end_to_end_with_tiny_extractor(coco_set, tmp_path):
     assert json.loads((d / "samples" / "fid.json").read_text())["fid"] == r["fid"]
     # the cached stats are reused (same file bytes), and a stats-file reference gives the same FID
     before = (tmp_path / "ref.npz").stat().st_mtime_ns
-    r2 = run_eval_fid(d / "samples", make_ref=True, ref=tmp_path / "ref.npz", ref_images=d / "train2014",
+    r2 = _fid(d / "samples", make_ref=True, ref=tmp_path / "ref.npz", ref_images=d / "train2014",
                       ref_list=d / "list.jsonl", out=tmp_path / "r2.json", **kw)  # fmt: skip
     assert (tmp_path / "ref.npz").stat().st_mtime_ns == before and r2["fid"] == r["fid"]
-    r3 = run_eval_fid(d / "samples", ref=tmp_path / "ref.npz", out=tmp_path / "r3.json", **kw)
+    r3 = _fid(d / "samples", ref=tmp_path / "ref.npz", out=tmp_path / "r3.json", **kw)
     assert r3["fid"] == pytest.approx(r["fid"]) and r3["count"] == 12
     # a folder against itself: zero
-    r4 = run_eval_fid(d / "samples", ref=d / "samples", out=tmp_path / "r4.json", **kw)
+    r4 = _fid(d / "samples", ref=d / "samples", out=tmp_path / "r4.json", **kw)
     assert r4["fid"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(FluidError, match="--mode clean"):
-        run_eval_fid(
-            d / "samples", ref=tmp_path / "ref.npz", mode="legacy_pytorch", out=tmp_path / "x.json", **kw
-        )
+        _fid(d / "samples", ref=tmp_path / "ref.npz", mode="legacy_pytorch", out=tmp_path / "x.json", **kw)
 
 
 def test_eval_fid_refuses_wrong_count_mixed_sizes_and_other_captions(coco_set, tmp_path):
@@ -204,7 +208,7 @@ def test_eval_fid_refuses_wrong_count_mixed_sizes_and_other_captions(coco_set, t
     lines = [json.loads(ln) for ln in (d / "list.jsonl").read_text().splitlines()]
     other.write_text("".join(json.dumps({**x, "caption": x["caption"] + "!"}) + "\n" for x in lines))
     with pytest.raises(FluidError, match="which is not caption 0"):
-        run_eval_fid(d / "samples", make_ref=True, ref_images=d / "train2014", ref_list=other,
+        _fid(d / "samples", make_ref=True, ref_images=d / "train2014", ref_list=other,
                      feature_extractor=pixel_stats, device="cpu")  # fmt: skip
 
 

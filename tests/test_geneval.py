@@ -288,17 +288,11 @@ def test_eval_geneval_generates_through_the_sampler(tmp_path, plug, monkeypatch)
 
     bench, real = R.load_metadata(), inspect.signature(sampling_run.run_sample)
 
-    def fake_run_sample(checkpoint, out, prompts_file=None, settings=None, images_per_prompt=1, **kw):
-        real.bind(
-            checkpoint,
-            out,
-            prompts_file=prompts_file,
-            settings=settings,
-            images_per_prompt=images_per_prompt,
-            **kw,
-        )
+    def fake_run_sample(run):
+        real.bind(run)
+        out, prompts_file, images_per_prompt = run.out, run.prompts_file, run.images_per_prompt
         lines = Path(prompts_file).read_text().splitlines()
-        assert lines == [m["prompt"] for m in bench] and images_per_prompt == 4 and kw["seed"] == 3
+        assert lines == [m["prompt"] for m in bench] and images_per_prompt == 4 and run.seed == 3
         with open(Path(out) / "samples.jsonl", "w") as f:
             for p in range(12):  # a dozen prompts are enough here: the full set is scored above
                 for i in range(images_per_prompt):

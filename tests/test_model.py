@@ -66,8 +66,8 @@ def test_head_width_from_registry_or_recipe(tmp_path):
     recipe.write_text('[model]\nhead_width = 256\nhead_prediction = "v"\n')
     r = resolve(recipe, {}, [])
     assert (r.model.head_width, r.model.head_prediction) == (256, "v")
-    with pytest.raises(FluidError, match="head_prediction must be eps or v"):
-        resolve(recipe, {}, ["model.head_prediction=x0"])
+    with pytest.raises(FluidError, match="model.head_prediction .x1. is not one of eps, v, x0"):
+        resolve(recipe, {}, ["model.head_prediction=x1"])
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
@@ -126,8 +126,8 @@ def test_causal_masking_hides_the_future(variant):
     else:
         changed[:, i + 1] = (changed[:, i + 1] + 1) % cfg.vocab_size
     with torch.no_grad():
-        z0 = model.hidden(tokens, text, mask, None)
-        z1 = model.hidden(changed, text, mask, None)
+        z0 = model.condition_states(tokens, text, mask, None)
+        z1 = model.condition_states(changed, text, mask, None)
     # z[:, j] predicts token j from tokens < j: predictions of tokens <= i + 1 cannot see token i + 1
     assert torch.equal(z0[:, : i + 2], z1[:, : i + 2])
     assert not torch.allclose(z0[:, i + 2 :], z1[:, i + 2 :])
@@ -143,8 +143,8 @@ def test_random_order_is_bidirectional():
     changed = tokens.clone()
     changed[:, 3] += 3.0  # a known token early in raster order changes every prediction
     with torch.no_grad():
-        z0 = model.hidden(tokens, text, mask, ~known)
-        z1 = model.hidden(changed, text, mask, ~known)
+        z0 = model.condition_states(tokens, text, mask, ~known)
+        z1 = model.condition_states(changed, text, mask, ~known)
     assert not torch.allclose(z0[:, :3], z1[:, :3])
 
 

@@ -49,7 +49,7 @@ def synth(tmp_path_factory) -> Path:
 def runs(synth: Path, tmp_path_factory) -> dict[str, Path]:
     """variant -> run dir with one committed checkpoint (3 steps at a high rate, so weights move)."""
     from fluid_cli.config import resolve
-    from fluid_cli.train import loop, setup
+    from fluid_cli.train import loop, state
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def runs(synth: Path, tmp_path_factory) -> dict[str, Path]:
                  "train": {"steps": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "val_every": 0,
                            "ckpt_every": 3, "ema_decay": 0.5},
                  "runtime": {"device": "cpu"}}  # fmt: skip
-        out[v] = loop.run(setup.build(resolve(None, flags, []), tmp_path_factory.mktemp(v), False))
+        out[v] = loop.run(state.build(resolve(None, flags, []), tmp_path_factory.mktemp(v), False))
     torch.set_num_threads(threads)
     return out
 
@@ -220,6 +220,7 @@ def assert_same_png(a: Path, b: Path) -> None:
 
 def test_interrupted_run_resumes_to_the_same_images(runs, synth, tmp_path) -> None:
     from fluid_cli.sampling.run import run_sample
+    from fluid_cli.settings import SampleRunSettings
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS[:3]) + "\n")
@@ -228,8 +229,9 @@ def test_interrupted_run_resumes_to_the_same_images(runs, synth, tmp_path) -> No
     _sample([*common, "--out", str(tmp_path / "full"), "--batch-size", "4"])
     part = tmp_path / "part"
     s = SampleSettings(steps=4, diffusion_steps=5)
-    kw = {"images_per_prompt": 2, "text_embeddings": synth / "text", "batch_size": 2}
-    summary = run_sample(runs["rand-cont"], part, str(prompts), None, s, **kw, max_images=3)  # "killed"
+    kw = {"checkpoint": runs["rand-cont"], "out": part, "prompts_file": str(prompts), "images_per_prompt": 2,
+          "text_embeddings": synth / "text", "batch_size": 2}  # fmt: skip
+    summary = run_sample(SampleRunSettings(sampling=s, **kw, max_images=3))  # "killed"
     assert summary["written"] == 3 and summary["left"] == 3
     (part / ".p000002_i000.png.tmp-1").write_bytes(b"half a png")  # debris of a kill mid-write
     _sample([*common, "--out", str(part), "--batch-size", "3"])
@@ -242,11 +244,11 @@ def test_interrupted_run_resumes_to_the_same_images(runs, synth, tmp_path) -> No
         (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
     )
     before = {p.name: p.read_bytes() for p in part.glob("*.png")}
-    again = run_sample(runs["rand-cont"], part, str(prompts), None, s, **kw)
+    again = run_sample(SampleRunSettings(sampling=s, **kw))
     assert again["written"] == 0 and again["already_done"] == 6
     assert {p.name: p.read_bytes() for p in part.glob("*.png")} == before  # a finished run: untouched
     with pytest.raises(FluidError, match="other settings"):
-        run_sample(runs["rand-cont"], part, str(prompts), None, SampleSettings(4, 5, cfg=2.0), **kw)
+        run_sample(SampleRunSettings(sampling=SampleSettings(4, 5, cfg=2.0), **kw))
 
 
 def test_bad_prompt_lines_are_reported_and_skipped(runs, synth, tmp_path, caplog) -> None:

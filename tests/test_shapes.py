@@ -204,7 +204,7 @@ def test_text_encoder_round_trips_captions(tokenizers):
 
 
 def test_data_stages_run_on_shapes_data(tmp_path: Path, tokenizers):
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     data = write_shapes(tmp_path / "shapes", records=8, seed=2)
     tars = str(data / "train" / "*.tar")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fluid_cli.config import FidMode, choices
 from fluid_cli.errors import FluidError
 
-MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+MODES = choices(FidMode)
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's torchscript Inception (clean, legacy_tensorflow)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid weights (legacy_pytorch)

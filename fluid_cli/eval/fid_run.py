@@ -21,6 +21,7 @@ from pathlib import Path
 from fluid_cli.errors import FluidError
 from fluid_cli.eval import fid as F
 from fluid_cli.eval.coco_prompts import read_list, sibling
+from fluid_cli.settings import EvalFidSettings
 
 log = logging.getLogger(__name__)
 MANIFESTS = ("manifest.jsonl", "samples.jsonl")  # a samples dir's manifest: one JSON line per image
@@ -198,15 +199,17 @@ def _reference(a: dict, mode: str, fe, fe_ident: dict, feats_kw: dict, list_info
     return mu, sigma, {"kind": "stats", "path": str(ref), "sha256": F.sha256_file(ref), **_src(meta)}
 
 
-def run_eval_fid(images: Path | None, *, ref: Path | None = None, ref_images: Path | None = None,
-                 ref_list: Path | None = None, make_ref: bool = False, out: Path | None = None,
-                 run_dir: Path | None = None, mode: str = "clean", inception: Path | None = None,
-                 expect_count: int | None = None, step: int | None = None, batch_size: int = 32,
-                 device: str = "auto", workers: int = 0, feature_extractor=None,
-                 extractor_name: str = "custom") -> dict:  # fmt: skip
+def run_eval_fid(settings: EvalFidSettings, feature_extractor=None, extractor_name: str = "custom") -> dict:
     """The stage behind `fluid eval-fid`. `feature_extractor` replaces Inception (tests, research)."""
-    if mode not in F.MODES:
-        raise FluidError(f"--mode {mode!r} is not one of {', '.join(F.MODES)}")
+    images, ref, ref_images, ref_list = settings.images, settings.ref, settings.ref_images, settings.ref_list
+    make_ref, out, run_dir, mode = settings.make_ref, settings.out, settings.run_dir, settings.mode
+    inception, expect_count, step, device = (
+        settings.inception,
+        settings.expect_count,
+        settings.step,
+        settings.device,
+    )
+    batch_size, workers = settings.batch_size, settings.workers
     t0 = time.perf_counter()
     list_rows, list_info = None, None
     if ref_list is not None:

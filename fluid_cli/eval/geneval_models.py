@@ -18,9 +18,10 @@ from PIL import Image
 
 from fluid_cli.errors import FluidError
 from fluid_cli.eval.geneval_rules import COLOURS, TEMPLATES, ColourClassifier, Detection
+from fluid_cli.settings import GenevalSettings
 
-DETECTOR_ID = "facebook/mask2former-swin-small-coco-instance"  # Swin-S, COCO instance segmentation
-CLIP_ID = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14, OpenAI weights
+DETECTOR_ID = GenevalSettings.detector  # Swin-S Mask2Former, COCO instance segmentation
+CLIP_ID = GenevalSettings.clip  # CLIP ViT-L/14, OpenAI weights
 
 
 def _resolve(what: str, name: str, option: str) -> tuple[str, str]:

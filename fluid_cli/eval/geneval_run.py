@@ -19,13 +19,14 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 
 from fluid_cli.errors import FluidError
 from fluid_cli.eval.geneval_rules import TAGS, ColourClassifier, Detection, keep_detections, score_image
+from fluid_cli.settings import GenevalSettings, SampleRunSettings
 
 log = logging.getLogger(__name__)
 IMAGES_PER_PROMPT = 4
@@ -192,17 +193,10 @@ def write_layout(root: Path, benchmark: list[dict], stage: Path) -> int | None:
     return steps.pop() if len(steps) == 1 else None
 
 
-def generate(
-    checkpoint: Path,
-    root: Path,
-    benchmark: list[dict],
-    sample: dict,
-    images_per_prompt: int = IMAGES_PER_PROMPT,
-) -> int | None:
-    """Generate images_per_prompt (GenEval: 4) images per prompt with the sampler (resumable) and
-    lay them out; returns the step."""
+def generate(root: Path, benchmark: list[dict], run: SampleRunSettings) -> int | None:
+    """Generate run.images_per_prompt (GenEval: 4) images per benchmark prompt with the sampler
+    (resumable; `run`'s out and prompts are set here) and lay them out; returns the step."""
     try:
-        from fluid_cli.sampling import SampleSettings
         from fluid_cli.sampling.run import run_sample
     except ImportError as e:
         raise FluidError(
@@ -212,15 +206,7 @@ def generate(
     stage.mkdir(parents=True, exist_ok=True)
     prompts = stage / "prompts.txt"  # line n-1 = benchmark prompt n-1, so prompt_index = folder index
     prompts.write_text("".join(m["prompt"] + "\n" for m in benchmark), encoding="utf-8")
-    settings = SampleSettings(**sample.pop("settings", {}))
-    run_sample(
-        checkpoint,
-        stage,
-        prompts_file=str(prompts),
-        settings=settings,
-        images_per_prompt=images_per_prompt,
-        **sample,
-    )
+    run_sample(replace(run, out=stage, prompts_file=str(prompts), prompts=()))
     return write_layout(Path(root), benchmark, stage)
 
 
@@ -303,12 +289,9 @@ def load_prompts(path: Path) -> list[dict]:
     return out
 
 
-def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | None, run_dir: Path | None = None,
-                     detector: str = "", clip: str = "", device: str = "auto", allow_incomplete: bool = False,
-                     step: int | None = None, sample: dict | None = None,
-                     prompts: Path | None = None) -> dict:  # fmt: skip
+def run_eval_geneval(g: GenevalSettings) -> dict:
     """The stage behind `fluid eval-geneval`: generate (or take --images), check, score, write.
-    `prompts`: a GenEval-schema metadata file replacing the 553 prompts; `detector == "shapes"`:
+    `g.prompts`: a GenEval-schema metadata file replacing the 553 prompts; `g.detector == "shapes"`:
     shapes-GenEval (the shapes world's detector and pixel colours, its five classes)."""
     import time
 
@@ -318,6 +301,14 @@ def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | N
     from fluid_cli.eval import geneval_rules as R
     from fluid_cli.eval.geneval_models import CLIP_ID, DETECTOR_ID, make_classifier, make_detector
 
+    checkpoint, images, out, detector, clip, prompts = (
+        g.checkpoint,
+        g.images,
+        g.out,
+        g.detector,
+        g.clip,
+        g.prompts,
+    )
     if (checkpoint is None) == (images is None):
         raise FluidError(
             "give a CHECKPOINT to generate images, or --images DIR to score a GenEval folder (not both)"
@@ -339,13 +330,16 @@ def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | N
             raise FluidError(
                 "generating needs --out DIR, the GenEval folder to write (<DIR>/00000/samples/0000.png)"
             )
-        root, made_step = Path(out), generate(Path(checkpoint), Path(out), benchmark, dict(sample or {}))
+        run = SampleRunSettings(checkpoint=Path(checkpoint), out=Path(out), sampling=g.sampling, seed=g.seed,
+                                batch_size=g.batch_size, images_per_prompt=IMAGES_PER_PROMPT,
+                                text_embeddings=g.text_embeddings, device=g.device, weights=g.weights)  # fmt: skip
+        root, made_step = Path(out), generate(Path(out), benchmark, run)
     else:
         root, made_step = Path(images), stage_step(Path(images))
     items = scan_folder(root)
-    info = check_items(items, benchmark, classes, allow_incomplete)  # refuse before loading models
-    det, det_id = make_detector(detector or DETECTOR_ID, classes, device)
-    clf, clf_id = make_classifier(clip or CLIP_ID, device)
+    info = check_items(items, benchmark, classes, g.allow_incomplete)  # refuse before loading models
+    det, det_id = make_detector(detector or DETECTOR_ID, classes, g.device)
+    clf, clf_id = make_classifier(clip or CLIP_ID, g.device)
     t0 = time.perf_counter()
     bar = Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr))
     with bar:
@@ -353,11 +347,11 @@ def run_eval_geneval(checkpoint: Path | None, images: Path | None, out: Path | N
         rows = score_items(items, det, clf, lambda: bar.advance(task))
     secs = time.perf_counter() - t0
     result = {"metric": "geneval", "benchmark": "shapes-geneval" if shapes else "geneval",
-              "prompts": str(prompts) if prompts is not None else "geneval-553", **summarize(rows), "step": step if step is not None else made_step,
+              "prompts": str(prompts) if prompts is not None else "geneval-553", **summarize(rows), "step": g.step if g.step is not None else made_step,
               **info, "root": str(root), "detector": det_id, "clip": clf_id,
               "rules": {"threshold": R.THRESHOLD, "counting_threshold": R.COUNTING_THRESHOLD,
                         "max_per_class": R.MAX_OBJECTS, "position_margin": R.POSITION_MARGIN},
               "versions": _versions(), "seconds": round(secs, 3),
               "images_per_s": round(len(rows) / secs, 3) if secs > 0 else None}  # fmt: skip
-    result["path"] = str(write_results(root, rows, result, run_dir))
+    result["path"] = str(write_results(root, rows, result, g.run_dir))
     return result

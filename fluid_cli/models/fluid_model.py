@@ -36,6 +36,7 @@ class FluidModel(nn.Module):
             self.token_emb = nn.Embedding(cfg.vocab_size, W)
             self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         # random order: the mask token; raster order: the start token that precedes token 0
+        # random order: the mask token; raster: the start token (a checkpoint key, so not renamed)
         self.special_token = nn.Parameter(torch.zeros(1, 1, W))
         self.pos = nn.Parameter(torch.zeros(1, L, W))
         self.blocks = nn.ModuleList(
@@ -113,7 +114,7 @@ class FluidModel(nn.Module):
         rank = order.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order
         return rank < num_masked  # (B, L) bool, static shape (no data-dependent gathers)
 
-    def hidden(
+    def condition_states(
         self,
         tokens: torch.Tensor,  # (B, L, C) or (B, L)
         text: torch.Tensor,  # (B, S, Dt)
@@ -121,16 +122,17 @@ class FluidModel(nn.Module):
         mask: torch.Tensor | None,  # (B, L) bool, random order: True = hidden behind the mask token
     ) -> torch.Tensor:
         """Backbone outputs z (B, L, W); z[:, i] is the condition for predicting token i."""
-        return self.decode(tokens, self.encode_text(text, text_mask), text_mask, mask)
+        return self.backbone_pass(tokens, self.encode_text(text, text_mask), text_mask, mask)
 
-    def decode(
+    def backbone_pass(
         self,
         tokens: torch.Tensor,  # (B, L, C) or (B, L)
         ctx: torch.Tensor,  # (B, S, W) aligned text (encode_text), computed once by samplers
         ctx_mask: torch.Tensor,  # (B, S)
         mask: torch.Tensor | None,  # (B, L) bool, random order: True = hidden behind the mask token
     ) -> torch.Tensor:
-        """`hidden` for already aligned text: the full-sequence pass of training and random order."""
+        """`condition_states` for already aligned text: the full-sequence backbone pass of training and
+        random order (turning tokens into pixels is sampling/decode.py's job, not this)."""
         B = tokens.shape[0]
         x = self.embed_tokens(tokens)
         if self.cfg.random_order:
@@ -153,7 +155,7 @@ class FluidModel(nn.Module):
         """
         B, L = tokens.shape[:2]
         mask = self.random_mask(keys) if self.cfg.random_order else None
-        z = self.hidden(tokens, text, text_mask, mask)
+        z = self.condition_states(tokens, text, text_mask, mask)
         weight = mask.to(torch.float32) if mask is not None else torch.ones(B, L, device=z.device)
         if self.cfg.continuous:
             return self._diffusion_loss(tokens, z, weight, keys)

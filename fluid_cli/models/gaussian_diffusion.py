@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-PREDICTIONS = ("eps", "v", "x0")  # what the network outputs besides the variance interpolant
+from fluid_cli.config import HeadPrediction, choices
+
+PREDICTIONS = choices(HeadPrediction)  # what the network outputs besides the variance interpolant
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 

@@ -56,15 +56,13 @@ def bench_sampling(
     variant: str = "rand-cont",
     size: str = "tiny",
     batch: int = 4,
-    steps: int = 64,
-    diffusion_steps: int = 100,
-    cfg: float = 3.0,
+    s: SampleSettings = SampleSettings(),
     device: str = "auto",
-    head_tokens: str = "chosen",
     precision: str = "auto",
     compile: bool = False,
 ) -> dict:
-    """Time one batch of `batch` images; returns seconds per image, images/s and GFLOP/s."""
+    """Time one batch of `batch` images sampled with `s`; returns seconds per image, images/s and
+    GFLOP/s."""
     from fluid_cli.bench import bench_config
 
     dev = backend.resolve_device(device)
@@ -76,7 +74,6 @@ def bench_sampling(
     keys = kr.make_keys(0, torch.arange(batch), 0).to(dev)
     text = kr.normal(keys, (mcfg.text_len, mcfg.text_dim), kr.STREAM_SAMPLE_TOKENS)  # (B, S, Dt)
     mask = torch.ones(batch, mcfg.text_len, dtype=torch.bool, device=dev)
-    s = SampleSettings(steps=steps, diffusion_steps=diffusion_steps, cfg=cfg, head_tokens=head_tokens)
     with backend.autocast(dev, amp):
         generate(model, text, mask, keys, dataclasses.replace(s, steps=2, diffusion_steps=2))  # warm-up
         backend.synchronize(dev)
@@ -88,8 +85,8 @@ def bench_sampling(
     return {
         "variant": variant, "size": size, "params": sum(p.numel() for p in model.parameters()),
         "device": backend.device_name(dev), "precision": "fp32" if amp is None else str(amp).split(".")[-1],
-        "batch": batch, "steps": steps if mcfg.random_order else mcfg.num_tokens, "diffusion_steps": diffusion_steps,
-        "cfg": cfg, "head_tokens": head_tokens, "seconds": round(secs, 3), "sec_per_image": round(secs / batch, 4),
+        "batch": batch, "steps": s.steps if mcfg.random_order else mcfg.num_tokens, "diffusion_steps": s.diffusion_steps,
+        "cfg": s.cfg, "head_tokens": s.head_tokens, "seconds": round(secs, 3), "sec_per_image": round(secs / batch, 4),
         "images_per_s": round(batch / secs, 4), "gflop_per_image": round(flops / batch / 1e9, 1),
         "gflops_per_s": round(flops / secs / 1e9, 1), "paper_sec_per_image": get_size(size).paper_sec_per_image,
     }  # fmt: skip

@@ -1,4 +1,4 @@
-"""What the random-order and raster samplers share: the settings, the guided text context, and the
+"""What the random-order and raster samplers share: the guided text context, and the
 keyed per-token draws (diffusion-head sampling for continuous tokens, a categorical draw with
 temperature / top-k for discrete ones). Exercised by `fluid sample`.
 
@@ -10,37 +10,11 @@ on the process, or on whether the head runs on the chosen tokens only or on all 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
 from fluid_cli.models import keyed_random as kr
 from fluid_cli.models.fluid_model import FluidModel
-
-SAMPLERS = ("ddpm", "ddim")
-DISCRETE_ORDERS = ("random", "confidence")
-HEAD_TOKENS = ("chosen", "all")
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """Every setting that changes the images (recorded in the samples manifest)."""
-
-    steps: int = 64  # random-order AR steps K (raster always takes L steps)
-    diffusion_steps: int = 100  # S: respaced steps of the per-token diffusion (1000 at training)
-    cfg: float = 3.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
-    cfg_schedule: str = "linear"  # constant | linear (MAR / Muse)
-    temperature: float = 1.0  # continuous: scales the diffusion noise; discrete: divides the logits
-    top_k: int = 0  # discrete: keep the k most likely codes (0 = all)
-    sampler: str = "ddpm"  # per-token diffusion sampler: ddpm | ddim (eta 0, ignores temperature)
-    discrete_order: str = "random"  # random (the paper) | confidence (MaskGIT: keep the surest)
-    head_tokens: str = "chosen"  # chosen: head on this step's tokens; all: every token (one shape)
-    # continuous: clamp the head's predicted x0 to +-clip_x0 (None: the checkpoint's data range,
-    # recorded at training; 0: off, MAR's unclipped sampler). See docs/sampling.md.
-    clip_x0: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from fluid_cli.settings import SampleSettings  # defined without torch, for the CLI's defaults
 
 
 def condition(

@@ -35,7 +35,7 @@ def _fit(hidden: torch.Tensor, text_len: int, where: str, why: str) -> torch.Ten
 
 def embed_from_artifact(path: str, prompts: list[Prompt], mcfg: ModelConfig) -> dict[int, torch.Tensor]:
     """prompt index -> (tokens, D) states of the record whose caption is the prompt; others warned."""
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     art = Artifact.open(path, "text-embeddings", what="--text-embeddings")
     if int(art.attrs.get("text_dim", -1)) != mcfg.text_dim:

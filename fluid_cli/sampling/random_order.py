@@ -16,6 +16,7 @@ Discrete tokens can instead keep the most confident draws (`discrete_order="conf
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +47,7 @@ def random_orders(keys: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, to
 def _backbone(model: FluidModel, tokens, masked, ctx, ctx_mask, guided: bool) -> torch.Tensor:
     if guided:  # both halves see the same tokens (MAR)
         tokens, masked = torch.cat([tokens, tokens]), torch.cat([masked, masked])
-    return model.decode(tokens, ctx, ctx_mask, masked)  # ((2)B, L, W)
+    return model.backbone_pass(tokens, ctx, ctx_mask, masked)  # ((2)B, L, W)
 
 
 @torch.no_grad()
@@ -70,27 +71,47 @@ def sample_random_order(
     else:
         tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
     masked = torch.ones(B, L, dtype=torch.bool, device=dev)
-    all_pos = torch.arange(L, device=dev).expand(B, L)
+    run = _Run(keys, order, rank, torch.arange(L, device=dev).expand(B, L), guided, s)
     for k in range(s.steps):
-        n_cur, n_next = counts[k], counts[k + 1]
-        if n_cur > n_next:  # steps that would predict no token (K > L) change nothing: skipped
+        step = _Step(k, counts[k], counts[k + 1], scales[k])
+        if step.n_cur > step.n_next:  # steps that would predict no token (K > L) change nothing: skipped
             z = _backbone(model, tokens, masked, ctx, ctx_mask, guided)
             if not cfg.continuous and s.discrete_order == "confidence":
-                tokens, masked = _confidence_step(
-                    model, z, tokens, masked, keys, k, n_next, scales[k], guided, s
-                )
+                tokens, masked = _confidence_step(model, z, tokens, masked, run, step)
             else:
-                tokens = _order_step(
-                    model, z, tokens, order, rank, all_pos, keys, k, n_cur, n_next, scales[k], guided, s
-                )
-                masked = rank < n_next
+                tokens = _order_step(model, z, tokens, run, step)
+                masked = rank < step.n_next
         if on_step is not None:
             on_step()
     return tokens
 
 
-def _order_step(model, z, tokens, order, rank, all_pos, keys, k, n_cur, n_next, scale, guided, s):
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one batch shares."""
+
+    keys: torch.Tensor  # (B,) image keys
+    order: torch.Tensor  # (B, L): order[:, r] = the position of rank r
+    rank: torch.Tensor  # (B, L): the inverse of order
+    all_pos: torch.Tensor  # (B, L): 0..L-1 per image
+    guided: bool
+    s: SampleSettings
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Step k draws the tokens of ranks [n_next, n_cur), guided at `scale`."""
+
+    k: int
+    n_cur: int
+    n_next: int
+    scale: float
+
+
+def _order_step(model, z, tokens, run: _Run, step: _Step):
     """Draw the tokens of ranks [n_next, n_cur) and write them into tokens."""
+    keys, order, rank, all_pos, guided, s = run.keys, run.order, run.rank, run.all_pos, run.guided, run.s
+    k, n_cur, n_next, scale = step.k, step.n_cur, step.n_next, step.scale
     W = z.shape[-1]
     if s.head_tokens == "all":
         pos, zp = all_pos, z  # (B, L)
@@ -112,8 +133,9 @@ def _order_step(model, z, tokens, order, rank, all_pos, keys, k, n_cur, n_next, 
     return tokens.scatter(1, idx, new.to(tokens.dtype))
 
 
-def _confidence_step(model, z, tokens, masked, keys, k, n_next, scale, guided, s):
+def _confidence_step(model, z, tokens, masked, run: _Run, step: _Step):
     """MaskGIT: draw every masked token, keep all but the n_next least confident (Gumbel-annealed)."""
+    keys, guided, s, k, n_next, scale = run.keys, run.guided, run.s, step.k, step.n_next, step.scale
     B, L = masked.shape
     pos = torch.arange(L, device=z.device).expand(B, L)
     tk = token_keys(keys, pos)

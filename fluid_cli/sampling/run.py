@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,10 @@ from fluid_cli.models import keyed_random as kr
 from fluid_cli.models.config import ModelConfig
 from fluid_cli.models.fluid_model import FluidModel
 from fluid_cli.sampling import SampleSettings, generate, num_steps
-from fluid_cli.sampling.common import DISCRETE_ORDERS, HEAD_TOKENS, SAMPLERS
 from fluid_cli.sampling.decode import ImageDecoder, embed_from_artifact, embed_live, text_batch
 from fluid_cli.sampling.prompts import read_prompts
-from fluid_cli.sampling.schedule import CFG_SCHEDULES, mask_schedule
+from fluid_cli.sampling.schedule import mask_schedule
+from fluid_cli.settings import SampleRunSettings
 from fluid_cli.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,6 @@ def check_settings(s: SampleSettings, mcfg: ModelConfig, batch_size: int, images
         problems.append(f"--diffusion-steps must be in 1..{mcfg.diffusion_steps} (the training schedule)")
     if s.cfg < 0 or s.temperature < 0 or s.top_k < 0:
         problems.append("--cfg, --temperature and --top-k must not be negative")
-    for name, value, valid in [("--cfg-schedule", s.cfg_schedule, CFG_SCHEDULES), ("--sampler", s.sampler, SAMPLERS),
-                               ("--discrete-order", s.discrete_order, DISCRETE_ORDERS),
-                               ("--head-tokens", s.head_tokens, HEAD_TOKENS)]:  # fmt: skip
-        if value not in valid:
-            problems.append(f"{name} {value!r} is not one of {', '.join(valid)}")
     if problems:
         raise FluidError("; ".join(problems))
 
@@ -195,7 +190,7 @@ class _Progress:
 def _check_text_artifact(path: str | Path) -> None:
     """The --text-embeddings artifact as the manifest describes it (sha256 on first use, recorded),
     checked before the checkpoint is loaded: a damaged shard is refused by name, not sampled from."""
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     art = Artifact.open(path, "text-embeddings", what="--text-embeddings")
     bad = art.problems()[0]
@@ -213,51 +208,50 @@ def _embeddings(prompts, text_embeddings, config, mcfg, device):
     return embed_live(config["data"]["text"]["encoder"], prompts, mcfg, device)
 
 
-def run_sample(
-    checkpoint: str | Path,
-    out: Path,
-    prompts_file: str | None = None,
-    prompt_args: list[str] | None = None,
-    settings: SampleSettings = SampleSettings(),
-    seed: int = 0,
-    batch_size: int = 16,
-    images_per_prompt: int = 1,
-    text_embeddings: str | Path | None = None,
-    grid: bool = False,
-    device: str = "auto",
-    weights: str = "ema",
-    compile: bool = False,
-    max_images: int | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class _Loaded:
+    """What every batch of a run needs, resolved once: the checkpoint, its config, the device, the
+    process split and the manifest identity each image line repeats."""
+
+    ckpt_dir: Path
+    config: dict
+    mcfg: ModelConfig
+    device: torch.device
+    dist: backend.Dist
+    identity: dict
+
+
+def run_sample(run: SampleRunSettings) -> dict:
     """The stage behind `fluid sample`; returns a summary (printed with --json)."""
     t0 = time.perf_counter()
-    ckpt_dir = ckpt.resolve(checkpoint).resolve()
+    ckpt_dir = ckpt.resolve(run.checkpoint).resolve()
     config = ckpt.load_config(ckpt_dir)
     mcfg = ModelConfig.from_dict(config["model"])
+    settings = run.sampling
     if settings.clip_x0 is None:  # the data's latent range, recorded by `fluid train` (0: none recorded)
         settings = replace(settings, clip_x0=float(config["data"].get("latent_abs_max") or 0.0))
-    check_settings(settings, mcfg, batch_size, images_per_prompt)
-    ckpt.check_weights(ckpt_dir, weights)  # a damaged checkpoint is named now, not after text encoding
-    if text_embeddings:
-        _check_text_artifact(text_embeddings)
-    prompts, bad = read_prompts(prompts_file, prompt_args)
-    dist = backend.init_distributed(device)
-    dev = backend.resolve_device(device, dist.local_rank)
-    out = Path(out)
+    run = replace(run, sampling=settings)
+    check_settings(settings, mcfg, run.batch_size, run.images_per_prompt)
+    ckpt.check_weights(ckpt_dir, run.weights)  # a damaged checkpoint is named now, not after text encoding
+    if run.text_embeddings:
+        _check_text_artifact(run.text_embeddings)
+    prompts, bad = read_prompts(run.prompts_file, list(run.prompts))
+    dist = backend.init_distributed(run.device)
+    dev = backend.resolve_device(run.device, dist.local_rank)
+    out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    identity = {"seed": seed, "settings": settings.to_dict(), "checkpoint": str(ckpt_dir),
-                "step": config.get("step"), "weights": weights}  # fmt: skip
+    identity = {"seed": run.seed, "settings": settings.to_dict(), "checkpoint": str(ckpt_dir),
+                "step": config.get("step"), "weights": run.weights}  # fmt: skip
     done = read_manifest(out, identity)
-    items = [(p, i) for p in prompts for i in range(images_per_prompt)]
+    items = [(p, i) for p in prompts for i in range(run.images_per_prompt)]
     mine = [it for n, it in enumerate(items) if n % dist.world == dist.rank]
     todo = [(p, i) for p, i in mine if (p.index, i) not in done]
-    pending = todo[:max_images]  # --max-images: a time-boxed job; a rerun continues
+    pending = todo[: run.max_images]  # --max-images: a time-boxed job; a rerun continues
     written = 0
     if pending:
-        written = _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, config, mcfg,
-                            dev, weights, compile, batch_size, dist)  # fmt: skip
+        written = _generate(pending, run, _Loaded(ckpt_dir, config, mcfg, dev, dist, identity))
     backend.barrier(dist)
-    grid_path = write_grid(out) if grid and dist.main and (out / MANIFEST).is_file() else None
+    grid_path = write_grid(out) if run.grid and dist.main and (out / MANIFEST).is_file() else None
     secs = time.perf_counter() - t0
     return {
         "out": str(out),
@@ -274,31 +268,31 @@ def run_sample(
     }
 
 
-def _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, config, mcfg, dev, weights, compile,
-              batch_size, dist) -> int:  # fmt: skip
+def _generate(pending: list, run: SampleRunSettings, at: _Loaded) -> int:
     """Generate and write the pending (prompt, image) items in batches; returns images written."""
+    settings, mcfg, dev, out = run.sampling, at.mcfg, at.device, Path(run.out)
     uniq = list({p.index: p for p, _ in pending}.values())
-    states = _embeddings(uniq, text_embeddings, config, mcfg, dev)
+    states = _embeddings(uniq, run.text_embeddings, at.config, mcfg, dev)
     pending = [(p, i) for p, i in pending if p.index in states]  # prompts missing in an artifact: warned
-    model, _ = load_model(ckpt_dir, weights, dev)
-    if compile and model.cfg.random_order:  # every step's backbone call; the first compiles (~30 s)
+    model, _ = load_model(at.ckpt_dir, run.weights, dev)
+    if run.compile and model.cfg.random_order:  # every step's backbone call; the first compiles (~30 s)
         model.backbone = torch.compile(model.backbone)
-    elif compile:
+    elif run.compile:
         log.warning("--compile: raster sampling runs eagerly (its KV-cache step changes shape every token)")
-    decoder = ImageDecoder(config["data"]["image_tokens"], mcfg, dev)
+    decoder = ImageDecoder(at.config["data"]["image_tokens"], mcfg, dev)
     amp = backend.autocast_dtype(dev)
-    progress = _Progress(len(pending), num_steps(model, settings), dist.main)
+    progress = _Progress(len(pending), num_steps(model, settings), at.dist.main)
     used = steps_used(mcfg, settings)
     if mcfg.random_order and settings.steps > used:
         log.warning("--steps %d: the model has %d tokens, so %d steps predict tokens (the rest change nothing)",
                     settings.steps, mcfg.num_tokens, used)  # fmt: skip
     written = 0
     with progress.p:
-        for a in range(0, len(pending), batch_size):
-            chunk = pending[a : a + batch_size]
+        for a in range(0, len(pending), run.batch_size):
+            chunk = pending[a : a + run.batch_size]
             text, mask = text_batch([states[p.index] for p, _ in chunk], mcfg.text_len, dev)
             idx = torch.tensor([[p.index, i] for p, i in chunk], dtype=torch.int64)
-            keys = kr.make_keys(identity["seed"], idx[:, 0], idx[:, 1]).to(dev)
+            keys = kr.make_keys(run.seed, idx[:, 0], idx[:, 1]).to(dev)
             progress.batch_start()
             with backend.autocast(dev, amp):
                 tokens = generate(model, text, mask, keys, settings, on_step=progress.step)
@@ -307,7 +301,7 @@ def _generate(pending, ckpt_dir, out, identity, settings, text_embeddings, confi
                 name = image_name(p.index, i)
                 write_png(out / name, image)
                 append_line(out / MANIFEST, {"file": name, "prompt": p.text, "prompt_index": p.index,
-                                             "image_index": i, **identity, "steps_used": used})  # fmt: skip
+                                             "image_index": i, **at.identity, "steps_used": used})  # fmt: skip
             written += len(chunk)
             progress.batch_done(len(chunk))
     return written

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-CFG_SCHEDULES = ("constant", "linear")
+from fluid_cli.config import CfgSchedule, choices
+
+CFG_SCHEDULES = choices(CfgSchedule)
 
 
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:

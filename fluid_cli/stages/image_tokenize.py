@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fluid_cli.errors import FluidError
+from fluid_cli.settings import TokenizeSettings
 from fluid_cli.shards import FieldSpec, Manifest, ShardInfo
 from fluid_cli.stages import pretrained as pt
 from fluid_cli.stages.sharding import ShardOutput
@@ -215,36 +216,25 @@ class ImageTokenizerStage:
 _DTYPE = {"float16": torch.float16, "int32": torch.int32}
 
 
-def run_tokenize(
-    sources: list[str],
-    tokenizer: str,
-    out: Path,
-    resolution: int = 256,
-    images_dir: Path | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    records_per_shard: int = 1024,
-    num_shards: int | None = None,
-    shard_index: int | None = None,
-    flip: bool = True,
-) -> bool:
+def run_tokenize(settings: TokenizeSettings) -> bool:
     """The `fluid tokenize` stage. True when the artifact is complete (manifest written)."""
     from fluid_cli.stages.sharding import resolve_split, run_sharded
     from fluid_cli.stages.sources import RecordSource, expand_sources
 
-    rank, world = resolve_split(num_shards, shard_index)
-    files = expand_sources(sources, allow_prompts=False)
-    p = pt.resolve_image_tokenizer(tokenizer)
-    stage = ImageTokenizerStage(p, resolution, flip, batch_size, device)
-    settings = {
+    t, split = settings, settings.sharding
+    rank, world = resolve_split(split.num_shards, split.shard_index)
+    files = expand_sources(list(t.sources), allow_prompts=False)
+    p = pt.resolve_image_tokenizer(t.tokenizer)
+    stage = ImageTokenizerStage(p, t.resolution, t.flip, t.batch_size, t.device)
+    recorded = {
         "stage": "tokenize",
-        "model_id": tokenizer,
+        "model_id": t.tokenizer,
         "subfolder": p.subfolder,
         "tokenizer_class": p.class_name,
-        "resolution": resolution,
-        "flip": flip,
+        "resolution": t.resolution,
+        "flip": t.flip,
         "sources": [os.path.abspath(f.path) for f in files],
-        "images_dir": os.path.abspath(images_dir) if images_dir else None,
+        "images_dir": os.path.abspath(t.images_dir) if t.images_dir else None,
     }
-    source = RecordSource(files, images_dir, need_images=True)
-    return run_sharded(Path(out), source, stage, settings, records_per_shard, rank, world, "images")
+    source = RecordSource(files, t.images_dir, need_images=True)
+    return run_sharded(Path(t.out), source, stage, recorded, split.records_per_shard, rank, world, "images")

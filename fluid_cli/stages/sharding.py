@@ -208,7 +208,7 @@ def _complete_and_intact(out_dir: Path) -> bool:
     """A rerun over a complete directory: check every shard against the manifest (sizes and headers;
     sha256 the first time, then recorded). Damaged shards are removed with the manifest, so this run
     redoes just those and writes the manifest again. True: nothing to do."""
-    from fluid_cli.shards import Artifact
+    from fluid_cli.artifact import Artifact
 
     try:
         art = Artifact.open(out_dir)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fluid_cli.settings import EncodeTextSettings
 from fluid_cli.shards import FieldSpec, Manifest, ShardInfo, atomic_write_bytes
 from fluid_cli.stages import pretrained as pt
 from fluid_cli.stages.image_tokenize import check_image
@@ -138,40 +139,28 @@ class TextEncoderStage:
         return Manifest(self.kind, self.fields, attrs, shards, producer, skipped, {"null_text": NULL_TEXT})
 
 
-def run_encode_text(
-    sources: list[str],
-    encoder: str,
-    out: Path,
-    max_length: int = 128,
-    images_dir: Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    records_per_shard: int = 1024,
-    num_shards: int | None = None,
-    shard_index: int | None = None,
-    check_images: bool = True,
-    coco_caption: int = 0,
-) -> bool:
+def run_encode_text(settings: EncodeTextSettings) -> bool:
     """The `fluid encode-text` stage. True when the artifact is complete (manifest written)."""
     from fluid_cli.errors import FluidError
     from fluid_cli.stages.sharding import resolve_split, run_sharded
     from fluid_cli.stages.sources import RecordSource, expand_sources
 
-    if max_length < 1:
+    t, split = settings, settings.sharding
+    if t.max_length < 1:
         raise FluidError("--max-length must be at least 1")
-    rank, world = resolve_split(num_shards, shard_index)
-    files = expand_sources(sources, allow_prompts=True)
-    check_images = check_images and any(f.kind != "prompts" for f in files)
-    p = pt.resolve_text_encoder(encoder)
-    stage = TextEncoderStage(p, max_length, batch_size, device, check_images)
-    settings = {
+    rank, world = resolve_split(split.num_shards, split.shard_index)
+    files = expand_sources(list(t.sources), allow_prompts=True)
+    check_images = t.check_images and any(f.kind != "prompts" for f in files)
+    p = pt.resolve_text_encoder(t.encoder)
+    stage = TextEncoderStage(p, t.max_length, t.batch_size, t.device, check_images)
+    recorded = {
         "stage": "encode-text",
-        "model_id": encoder,
-        "max_length": max_length,
+        "model_id": t.encoder,
+        "max_length": t.max_length,
         "check_images": check_images,
-        "coco_caption": coco_caption,
+        "coco_caption": t.coco_caption,
         "sources": [f.path if f.path == "-" else os.path.abspath(f.path) for f in files],
-        "images_dir": os.path.abspath(images_dir) if images_dir else None,
+        "images_dir": os.path.abspath(t.images_dir) if t.images_dir else None,
     }
-    source = RecordSource(files, images_dir, need_images=check_images, coco_caption=coco_caption)
-    return run_sharded(Path(out), source, stage, settings, records_per_shard, rank, world, "captions")
+    source = RecordSource(files, t.images_dir, need_images=check_images, coco_caption=t.coco_caption)
+    return run_sharded(Path(t.out), source, stage, recorded, split.records_per_shard, rank, world, "captions")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fluid_cli.artifact import Artifact
 from fluid_cli.errors import FluidError
 from fluid_cli.models import keyed_random as kr
-from fluid_cli.shards import Artifact
 
 log = logging.getLogger(__name__)
 IMAGE_KINDS = ("image-latents", "image-codes")

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainSetup:
+class TrainState:
+    """The mutable state of one training run: built (or resumed) by `build`, advanced by loop.run."""
+
     recipe: Recipe
     run_dir: Path
     dist: backend.Dist
@@ -154,7 +156,7 @@ def _run_config(recipe: Recipe, model_cfg: ModelConfig, records: PairedRecords, 
     }
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
+def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainState:
     dist = backend.init_distributed(recipe.runtime.device)
     device = backend.resolve_device(recipe.runtime.device, dist.local_rank)
     amp = backend.autocast_dtype(device, recipe.runtime.precision)
@@ -206,7 +208,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool) -> TrainSetup:
         backend.device_name(device),
         plan.parallel,
     )
-    return TrainSetup(
+    return TrainState(
         recipe,
         run_dir,
         dist,
