@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
+from fluid_cli.demo import TEXT_TOKENS
+from fluid_cli.shapes.text_encoder import training_captions
 
 
 def test_demo_pipeline_smoke(tmp_path):
@@ -43,5 +46,11 @@ def test_demo_pipeline_smoke(tmp_path):
     assert set(ceiling["tags"]) == set(scores["tags"]) and ceiling["images"] == 300
     assert 0.0 <= ceiling["overall"] <= 1.0 and ceiling["all_tags"]
     assert "tokenizer ceiling" in text
+    # captions are encoded to TEXT_TOKENS, not 128: every training caption and held-out prompt fits
+    text_attrs = json.loads((out / "text" / "manifest.json").read_text())["attrs"]
+    assert text_attrs["max_length"] == TEXT_TOKENS and text_attrs["truncated"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizers" / "t5"))
+    prompts = training_captions() + (out / "shapes" / "heldout.txt").read_text().splitlines()
+    assert max(len(tokenizer(p)["input_ids"]) for p in prompts) <= TEXT_TOKENS
     # a rerun skips every finished stage and rewrites the same report
     assert CliRunner().invoke(app, args).exit_code == 0

@@ -133,7 +133,14 @@ def resolve_image_tokenizer(name: str) -> Pretrained:
         raise FluidError(
             f"{what} {name}: class {cls!r} is not supported; use a diffusers AutoencoderKL or VQModel"
         )
-    return Pretrained(name, subfolder, cls, config, _patch(name, subfolder))
+    return Pretrained(_where(name), subfolder, cls, config, _patch(name, subfolder))
+
+
+def _where(name: str) -> str:
+    """A local directory as an absolute path, a hub id as given: the artifacts record it, and later
+    stages (`fluid sample` decoding, live prompt encoding) must find it from any working directory."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.is_dir() else name
 
 
 def _patch(name: str, subfolder: str | None) -> int:
@@ -155,7 +162,7 @@ def resolve_text_encoder(name: str) -> Pretrained:
         raise _not_found(what, name, "config.json")
     if config.get("model_type") not in T5_MODEL_TYPES:
         raise FluidError(f"text encoder {name}: model_type {config.get('model_type')!r} is not a T5 encoder")
-    return Pretrained(name, None, "T5EncoderModel", config)
+    return Pretrained(_where(name), None, "T5EncoderModel", config)
 
 
 def _load_error(what: str, p: Pretrained, e: Exception) -> FluidError:
