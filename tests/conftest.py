@@ -1,12 +1,13 @@
 """Shared test fixtures: tiny pretrained models saved with save_pretrained, and tiny webdataset tars.
 
 Nothing is downloaded: every model is built from a config with random weights (seeded), and the T5
-tokenizer is a SentencePiece unigram model trained here on the fixture captions. The hub is off for
+tokenizer is a SentencePiece unigram model trained on the fixture captions (by the same code as
+`fluid train-tokenizer t5`). The hub is off for
 the whole session (HF_HUB_OFFLINE=1), so a test can never wait on the network.
 
 - tiny_vae_dir: AutoencoderKL, 3 down blocks (4x downsampling): 32px -> 4x8x8 latents
 - tiny_vq_dir:  VQModel, 4 down blocks (8x): 32px -> 4x4 codes, vocabulary 64
-- tiny_t5_dir:  T5EncoderModel (d_model 32) + T5Tokenizer, as AutoTokenizer loads it
+- tiny_t5_dir:  T5EncoderModel (d_model 32) + T5Tokenizer, as AutoTokenizer loads it (shapes' builder)
 - tiny_wds_tars: two webdataset tars of 6 image + caption records each (jpg/png/webp, txt/json)
 """
 
@@ -146,53 +147,13 @@ def tiny_vq_dir(tmp_path_factory) -> Path:
     return d
 
 
-def train_t5_tokenizer(out_dir: Path, corpus: list[str], vocab_size: int = 120):
-    """A T5Tokenizer from a SentencePiece unigram model trained on `corpus` (transformers 5 ignores
-    `vocab_file=`; it builds from the pieces and scores). pad=0, eos=1, unk=2 as in T5."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus * 4),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        minloglevel=2,
-    )
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tok.save_pretrained(out_dir)
-    return tok
-
-
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import T5Config, T5EncoderModel
+    """`fluid train-tokenizer t5`'s builder at d_model 32, its tokenizer trained on CAPTIONS. A
+    vocabulary of 64 leaves most captions in pieces of a few letters (10 to 29 tokens), so an
+    encode-text at --max-length 20 truncates some captions and not others."""
+    from fluid_cli.shapes.text_encoder import build_text_encoder
 
     d = tmp_path_factory.mktemp("tiny-t5")
-    tok = train_t5_tokenizer(d, CAPTIONS)
-    torch.manual_seed(0)
-    cfg = T5Config(
-        vocab_size=len(tok),
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    T5EncoderModel(cfg).save_pretrained(d)
+    build_text_encoder(d, width=32, layers=2, heads=2, seed=0, vocab_size=64, captions=CAPTIONS)
     return d

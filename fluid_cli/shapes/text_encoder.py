@@ -55,16 +55,22 @@ def train_sentencepiece(captions: list[str], vocab_size: int = 128) -> list[tupl
 
 
 def build_text_encoder(
-    out: Path, width: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, vocab_size: int = 128
+    out: Path,
+    width: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    vocab_size: int = 128,
+    captions: list[str] | None = None,
 ) -> dict:
-    """Train the tokenizer, initialise the encoder, save both to `out`; returns a small report
-    (also written as out/fluid-text-encoder.json)."""
+    """Train the tokenizer (on `captions`, by default every shapes training caption), initialise the
+    encoder, save both to `out`; returns a small report (also written as out/fluid-text-encoder.json)."""
     import torch
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     if width % heads:
         raise FluidError(f"--width {width} must be a multiple of --heads {heads}")
-    captions = training_captions()
+    captions = training_captions() if captions is None else captions
     vocab = train_sentencepiece(captions, vocab_size)
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     config = T5Config(
