@@ -16,13 +16,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -32,16 +36,100 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # on another CPU), bits only where the same computation runs twice in one process.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside, the caller's count restored after (tiny models on a shared 2-core
+    machine: ~50x faster than two contending threads). Session fixtures that train use it: they are
+    set up before the module-scoped `_one_thread` below."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Every test module starts on one intra-op thread, whatever an earlier module's command set
-    (tiny models on a shared 2-core machine: ~50x faster than two contending threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Every test module starts on one intra-op thread, whatever an earlier module's command set."""
+    with one_thread():
+        yield
+
+
+def run_fluid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m fluid_cli ARGS` in a subprocess from the repository root, as a user runs it: this
+    session's environment (hub off, one thread) plus `env`, without FLUID_DEBUG (so errors are one
+    line, not a traceback)."""
+    full = {**os.environ, **(env or {})}
+    full.pop("FLUID_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fluid_cli", *args], capture_output=True, text=True, env=full, cwd=ROOT
+    )
+
+
+# ---- synthetic artifacts and tiny training runs --------------------------------------------------
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """`fluid synth-data` artifacts (latents, codes, text) of 96 records, seed 0, in shards of 16:
+    shared by every test that trains; tests that damage them copy them first."""
+    from fluid_cli.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, records=96, seed=0, per_shard=16)
+    return out
+
+
+# a metrics row every step and a 2-step warmup, for runs of a few steps
+SHORT_RUN = ("--set", "train.log_every=1", "--set", "train.warmup_steps=2")
+
+
+def tiny_train_args(
+    synth: Path,
+    out: Path,
+    *extra: str,
+    variant: str | None = None,
+    image_tokens: Path | None = None,
+    text: Path | None = None,
+) -> list[str]:
+    """The `fluid train` command line for the tiny model on CPU at batch 8, on `synth`'s latents and
+    text unless told otherwise, then `extra` (which may override any of it)."""
+    return [
+        "train",
+        *(["--variant", variant] if variant else []),
+        "--size",
+        "tiny",
+        "--image-tokens",
+        str(image_tokens or synth / "latents"),
+        "--text",
+        str(text or synth / "text"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--set",
+        'runtime.device="cpu"',
+        *extra,
+    ]
+
+
+def train_tiny(synth: Path, out: Path, variant: str = "rand-cont", **train) -> Path:
+    """A tiny run trained in-process on CPU at batch 8, without validation, checkpointed at its last
+    step; `train` sets [train] keys (steps among them). Returns the run folder."""
+    from fluid_cli.config import resolve
+    from fluid_cli.train import loop, state
+
+    tokens = synth / ("latents" if variant.endswith("cont") else "codes")
+    flags = {
+        "model": {"variant": variant, "size": "tiny"},
+        "data": {"image_tokens": str(tokens), "text": str(synth / "text"), "val_records": 0},
+        "train": {"batch_size": 8, "val_every": 0, "ckpt_every": train["steps"], **train},
+        "runtime": {"device": "cpu"},
+    }
+    with one_thread():
+        return loop.run(state.build(resolve(None, flags, []), out, False))
 
 
 TINY_RESOLUTION = 32  # the resolution the tiny image tokenizers are meant for

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_args, train_tiny
 
 from fluid_cli.cli import main
 from fluid_cli.synthetic import write_synthetic
@@ -49,10 +50,8 @@ class Ctx:
         return dst
 
     def train(self, *extra: str, latents: Path | None = None, text: Path | None = None) -> list[str]:
-        return ["train", "--size", "tiny", "--image-tokens", str(latents or self.synth / "latents"),
-                "--text", str(text or self.synth / "text"), "--out", str(self.tmp / "newrun"),
-                "--steps", "2", "--batch-size", "8", "--val-every", "0",
-                "--set", 'runtime.device="cpu"', *extra]  # fmt: skip
+        return tiny_train_args(self.synth, self.tmp / "newrun", "--steps", "2", "--val-every", "0", *extra,
+                               image_tokens=latents, text=text)  # fmt: skip
 
     def sample(
         self, *extra: str, ckpt: Path | None = None, out: Path | None = None, text: Path | None = None
@@ -90,17 +89,9 @@ def png(path: Path, size: int = 16, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Path:
     """Three-shard synthetic artifacts (verified once) and a tiny run with a committed checkpoint."""
-    from fluid_cli.config import resolve
-    from fluid_cli.train import loop, state
-
     root = tmp_path_factory.mktemp("shared")
     write_synthetic(root / "synth", records=48, seed=0, per_shard=16)
-    flags = {"model": {"variant": "rand-cont", "size": "tiny"},
-             "data": {"image_tokens": str(root / "synth" / "latents"), "text": str(root / "synth" / "text"),
-                      "val_records": 0},
-             "train": {"steps": 2, "batch_size": 8, "val_every": 0, "ckpt_every": 2},
-             "runtime": {"device": "cpu"}}  # fmt: skip
-    loop.run(state.build(resolve(None, flags, []), root / "run", False))
+    train_tiny(root / "synth", root / "run", steps=2)
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import types
@@ -19,37 +18,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHORT_RUN, tiny_train_args
 from typer.testing import CliRunner
 
 from fluid_cli import backend
 from fluid_cli.cli import app
 from fluid_cli.config import RuntimeSection
 from fluid_cli.errors import FluidError
-from fluid_cli.synthetic import write_synthetic
 from fluid_cli.train import checkpoint as ckpt
 from fluid_cli.train import distributed
 from fluid_cli.train.data import PositionSampler
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 STEPS, HALF = 4, 2  # a run of STEPS; interrupted runs save at HALF and resume
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, records=96, seed=0)
-    return out
-
-
 def _args(synth: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "train", "--variant", "rand-cont", "--size", "tiny",
-        "--image-tokens", str(synth / "latents"), "--text", str(synth / "text"), "--out", str(out),
-        "--batch-size", "8", "--seed", "3", "--steps", str(steps), "--ckpt-every", str(HALF),
-        "--val-every", "0", "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
-        "--set", 'runtime.device="cpu"', *extra,
-    ]  # fmt: skip
+    return tiny_train_args(synth, out, "--seed", "3", "--steps", str(steps), "--ckpt-every", str(HALF),
+                           "--val-every", "0", *SHORT_RUN, *extra, variant="rand-cont")  # fmt: skip
 
 
 def _train_here(synth: Path, out: Path, steps: int, *extra: str) -> None:
@@ -58,11 +44,10 @@ def _train_here(synth: Path, out: Path, steps: int, *extra: str) -> None:
 
 
 def _torchrun(synth: Path, out: Path, steps: int, *extra: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = subprocess.run(
         [*cmd, "-m", "fluid_cli", *_args(synth, out, steps, *extra)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=600,  # conftest's environment: hub off, one thread
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines() == [str(out)]  # one line on stdout, from rank 0

@@ -4,13 +4,11 @@ eval-fid` end to end with a tiny pixel-statistics extractor (no Inception, no ne
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_fluid
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,7 +19,6 @@ from fluid_cli.eval.coco_prompts import draw, read_coco, write_coco_prompts
 from fluid_cli.eval.fid_run import run_eval_fid
 from fluid_cli.settings import EvalFidSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -212,17 +209,9 @@ def test_eval_fid_refuses_wrong_count_mixed_sizes_and_other_captions(coco_set, t
                      feature_extractor=pixel_stats, device="cpu")  # fmt: skip
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("FLUID_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fluid_cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-
-
 def test_missing_inception_is_one_line(coco_set, tmp_path):
     F.save_stats(tmp_path / "ref.npz", np.zeros(6), np.eye(6), {"mode": "clean"})
-    p = _cli("eval-fid", str(coco_set / "samples"), "--ref", str(tmp_path / "ref.npz"),
+    p = run_fluid("eval-fid", str(coco_set / "samples"), "--ref", str(tmp_path / "ref.npz"),
              "--inception", str(tmp_path / "nowhere" / F.INCEPTION_FILE))  # fmt: skip
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()

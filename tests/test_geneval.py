@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_fluid
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,7 +21,6 @@ from fluid_cli.eval import geneval_rules as R
 from fluid_cli.eval.geneval_rules import Detection, keep_detections, relative_position, score_image
 from fluid_cli.eval.geneval_run import score_folder, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 PALETTE = {"red": (255, 0, 0), "orange": (255, 128, 0), "yellow": (255, 255, 0), "green": (0, 160, 0),
            "blue": (0, 0, 255), "purple": (128, 0, 128), "pink": (255, 150, 200), "brown": (120, 70, 20),
@@ -329,10 +326,9 @@ def test_score_folder_api_with_own_classes(tmp_path):
 
 def test_missing_detector_weights_is_one_line(tmp_path):
     root = write_folder(tmp_path / "g", n_prompts=1)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("FLUID_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "fluid_cli", "eval-geneval", "--images", str(root), "--allow-incomplete"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    p = run_fluid(
+        "eval-geneval", "--images", str(root), "--allow-incomplete", env={"HF_HOME": str(tmp_path / "hf")}
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()
     assert (

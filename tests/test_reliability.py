@@ -14,54 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHORT_RUN, tiny_train_args
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
 from fluid_cli.errors import FluidError
 from fluid_cli.models.fluid_model import FluidModel
-from fluid_cli.synthetic import write_synthetic
 from fluid_cli.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, records=96, seed=0, per_shard=16)
-    return out
-
-
 def _args(synth: Path, out: Path, steps: int, *extra: str, data: Path | None = None) -> list[str]:
-    return [
-        "train",
-        "--size",
-        "tiny",
-        "--image-tokens",
-        str(data or synth / "latents"),
-        "--text",
-        str(synth / "text"),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--steps",
-        str(steps),
-        "--seed",
-        "5",
-        "--val-every",
-        "0",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.warmup_steps=2",
-        "--set",
-        'runtime.device="cpu"',
-        "--set",
-        "train.keep_checkpoints=50",
-        *extra,
-    ]
+    return tiny_train_args(synth, out, "--steps", str(steps), "--seed", "5", "--val-every", "0", *SHORT_RUN,
+                           "--set", "train.keep_checkpoints=50", *extra, image_tokens=data)  # fmt: skip
 
 
 def _train(synth: Path, out: Path, steps: int, *extra: str, data: Path | None = None):
@@ -89,11 +55,9 @@ def assert_same_trace(run: Path, reference: Path) -> None:
 
 def _spawn(args: list[str], prelude: str = "") -> subprocess.Popen:
     code = f"import sys\n{prelude}\nfrom fluid_cli.cli import main\nsys.argv = ['fluid'] + {args!r}\nmain()\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

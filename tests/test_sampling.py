@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
+from conftest import train_tiny
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
@@ -37,33 +35,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def synth(tmp_path_factory) -> Path:
-    from fluid_cli.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic(root, records=64)
-    return root
-
-
-@pytest.fixture(scope="session")
 def runs(synth: Path, tmp_path_factory) -> dict[str, Path]:
     """variant -> run dir with one committed checkpoint (3 steps at a high rate, so weights move)."""
-    from fluid_cli.config import resolve
-    from fluid_cli.train import loop, state
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for v in VARIANTS:
-        tokens = synth / ("latents" if v.endswith("cont") else "codes")
-        flags = {"model": {"variant": v, "size": "tiny"},
-                 "data": {"image_tokens": str(tokens), "text": str(synth / "text"), "val_records": 0},
-                 "train": {"steps": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "val_every": 0,
-                           "ckpt_every": 3, "ema_decay": 0.5},
-                 "runtime": {"device": "cpu"}}  # fmt: skip
-        out[v] = loop.run(state.build(resolve(None, flags, []), tmp_path_factory.mktemp(v), False))
-    torch.set_num_threads(threads)
-    return out
+    return {
+        v: train_tiny(synth, tmp_path_factory.mktemp(v), v, steps=3, lr=1e-2, warmup_steps=1, ema_decay=0.5)
+        for v in VARIANTS
+    }
 
 
 def _model(runs: dict[str, Path], variant: str):

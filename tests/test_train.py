@@ -3,57 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHORT_RUN, run_fluid, tiny_train_args
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
 from fluid_cli.config import load_recipe, parse_set, resolve
 from fluid_cli.errors import FluidError
-from fluid_cli.synthetic import write_synthetic
 from fluid_cli.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, records=96, seed=0)
-    return out
-
-
 def _train(synth: Path, out: Path, *extra: str, variant: str = "rand-cont", data: str = "latents"):
-    args = [
-        "train",
-        "--variant",
-        variant,
-        "--size",
-        "tiny",
-        "--image-tokens",
-        str(synth / data),
-        "--text",
-        str(synth / "text"),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--seed",
-        "3",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.warmup_steps=2",
-        "--set",
-        'runtime.device="cpu"',
-        *extra,
-    ]
+    args = tiny_train_args(
+        synth, out, "--seed", "3", *SHORT_RUN, *extra, variant=variant, image_tokens=synth / data
+    )
     return runner.invoke(app, args)
 
 
@@ -114,14 +82,6 @@ def test_help_of_every_command():
         assert "Usage" in r.output
 
 
-def _fluid(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("FLUID_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fluid_cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-
-
 def test_bad_input_is_one_line_not_a_traceback(tmp_path, synth):
     cases = [
         (
@@ -161,7 +121,7 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, synth):
         (["train", "--set", "train.lrr=1", "--out", str(tmp_path / "r")], "unknown recipe key train.lrr"),
     ]
     for args, message in cases:
-        p = _fluid(*args)
+        p = run_fluid(*args)
         assert p.returncode == 1, (args, p.stderr)
         assert "Traceback" not in p.stderr
         errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
