@@ -222,24 +222,29 @@ def _image_folder(d: Path) -> Path:
     return d / "imgs"
 
 
-@pytest.mark.parametrize("table", ["captions.jsonl", "captions.csv"])
-def test_folder_with_captions_table(tmp_path, table, tiny_vae_dir, tiny_t5_dir):
-    imgs = _image_folder(tmp_path)
-    src = [str(tmp_path / table), "--images-dir", str(imgs)]
+def _tokenize_and_encode(src: list[str], out: Path, vae: Path, t5: Path, *tokenize_extra: str) -> None:
+    """`fluid tokenize` into OUT/lat and `fluid encode-text` into OUT/txt of the same source."""
     run_ok(
         [
             "tokenize",
             *src,
             "--tokenizer",
-            str(tiny_vae_dir),
+            str(vae),
             "--out",
-            str(tmp_path / "lat"),
+            str(out / "lat"),
             "--resolution",
             RES,
-            "--no-flip",
+            *tokenize_extra,
         ]
     )
-    run_ok(["encode-text", *src, "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "txt")])
+    run_ok(["encode-text", *src, "--encoder", str(t5), "--out", str(out / "txt")])
+
+
+@pytest.mark.parametrize("table", ["captions.jsonl", "captions.csv"])
+def test_folder_with_captions_table(tmp_path, table, tiny_vae_dir, tiny_t5_dir):
+    imgs = _image_folder(tmp_path)
+    src = [str(tmp_path / table), "--images-dir", str(imgs)]
+    _tokenize_and_encode(src, tmp_path, tiny_vae_dir, tiny_t5_dir, "--no-flip")
     lat, txt = Artifact.open(tmp_path / "lat"), Artifact.open(tmp_path / "txt")
     assert list(lat.index()) == list(txt.index()) == ["cat", "dog"]
     assert set(lat.fields) == {"mean", "std"} and lat.attrs["flip"] is False
@@ -268,19 +273,7 @@ def test_coco_captions_json(tmp_path, tiny_vae_dir, tiny_t5_dir):
     }
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
     src = [str(tmp_path / "captions_val2014.json"), "--images-dir", str(imgs)]
-    run_ok(
-        [
-            "tokenize",
-            *src,
-            "--tokenizer",
-            str(tiny_vae_dir),
-            "--out",
-            str(tmp_path / "lat"),
-            "--resolution",
-            RES,
-        ]
-    )
-    run_ok(["encode-text", *src, "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "txt")])
+    _tokenize_and_encode(src, tmp_path, tiny_vae_dir, tiny_t5_dir)
     run_ok(
         [
             "encode-text",
