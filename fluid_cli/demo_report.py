@@ -96,6 +96,14 @@ def write_report(
         n = counts.get(tag, {}).get("images", result["images"])
         top = ceil_tags.get(tag)
         lines.append(f"| {tag} | {n} | {score:.3f} | {'' if top is None else f'{top:.3f}'} | {mark} |")
+    objects = result.get("objects")
+    if objects:  # GenEval passes crowded images on most tags: say how many objects were drawn
+        lines += [
+            "",
+            f"Objects per image: {objects['drawn_mean']:.2f} drawn, {objects['asked_mean']:.2f} asked; "
+            f"{objects['exact']:.0%} of the images hold exactly the asked number "
+            "(GenEval's rules pass extra objects on every tag but counting).",
+        ]
     lines += ["", "## Loss", "", "![loss](report/loss.png)", "", "## Samples per tag", ""]
     for tag, (name, prompts) in grids.items():
         lines += [

@@ -46,6 +46,9 @@ def test_demo_pipeline_smoke(tmp_path):
     assert set(ceiling["tags"]) == set(scores["tags"]) and ceiling["images"] == 300
     assert 0.0 <= ceiling["overall"] <= 1.0 and ceiling["all_tags"]
     assert "tokenizer ceiling" in text
+    objects = scores["objects"]  # drawn vs asked: GenEval's rules alone pass crowded images
+    assert objects["images"] == scores["images"] and objects["asked_mean"] >= 1.0
+    assert 0.0 <= objects["exact"] <= 1.0 and "Objects per image" in text
     # captions are encoded to TEXT_TOKENS, not 128: every training caption and held-out prompt fits
     text_attrs = json.loads((out / "text" / "manifest.json").read_text())["attrs"]
     assert text_attrs["max_length"] == TEXT_TOKENS and text_attrs["truncated"] == 0

@@ -233,9 +233,14 @@ def test_shapes_geneval_scores_a_geneval_folder(tmp_path: Path):
     result = score_shapes_folder(root)
     assert result["images"] == 2 * len(heldout_specs()) and result["all_tags"]
     assert result["overall"] == 1.0 and set(result["tags"].values()) == {1.0}
+    objects = result["objects"]  # the generator's own images hold exactly the asked objects
+    assert objects["exact"] == 1.0 and objects["drawn_mean"] == objects["asked_mean"] > 1.0
     for png in root.glob("*/samples/*.png"):  # a sampler that writes grey squares scores 0
         Image.new("RGB", (32, 32), (128, 128, 128)).save(png)
-    assert score_shapes_folder(root)["overall"] == 0.0
+    blank = score_shapes_folder(root)
+    assert (
+        blank["overall"] == 0.0 and blank["objects"]["drawn_mean"] == 0.0 and blank["objects"]["exact"] == 0.0
+    )
 
 
 def test_eval_geneval_cli_scores_shapes_prompts(tmp_path: Path):
