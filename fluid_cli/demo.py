@@ -62,15 +62,9 @@ class _Clock:
 
 
 def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
-    out, minutes, records, size = Path(settings.out), settings.minutes, settings.records, settings.size
-    seed, tokenizer_steps, sample_steps, cfg = (
-        settings.seed,
-        settings.tokenizer_steps,
-        settings.sample_steps,
-        settings.cfg,
-    )
+    out, seed, size = Path(settings.out), settings.seed, settings.size
     out.mkdir(parents=True, exist_ok=True)
-    clock = _Clock(minutes)
+    clock = _Clock(settings.minutes)
 
     def _stage(name: str, done: Path, args: list[str], clock: _Clock) -> None:
         if done.exists():
@@ -85,10 +79,10 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
     _stage(
         "shapes-data",
         data / "info.json",
-        ["shapes-data", str(data), "--records", str(records), *world],
+        ["shapes-data", str(data), "--records", str(settings.records), *world],
         clock,
     )
-    steps = ["--steps", str(tokenizer_steps)] if tokenizer_steps else []
+    steps = ["--steps", str(settings.tokenizer_steps)] if settings.tokenizer_steps else []
     _stage(
         "train-tokenizer vae",
         vae / "fluid-tokenizer.json",
@@ -149,7 +143,7 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
             ]
         )
     clock.lap("train")
-    result = _geneval(run, data, out / "geneval", sample_steps, cfg)
+    result = _geneval(run, data, out / "geneval", settings.sample_steps, settings.cfg)
     clock.lap("sample + shapes-GenEval")
     ceiling = _ceiling(vae, out / "geneval" / "tokenizer-ceiling.json", seed)
     clock.lap("tokenizer ceiling")
