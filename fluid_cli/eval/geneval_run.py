@@ -298,7 +298,7 @@ def run_eval_geneval(g: GenevalSettings) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from fluid_cli.eval import geneval_rules as R
+    import fluid_cli.eval.geneval_rules as R
     from fluid_cli.eval.geneval_models import CLIP_ID, DETECTOR_ID, make_classifier, make_detector
 
     checkpoint, images, out, detector, clip, prompts = (
