@@ -56,7 +56,7 @@ def test_a_cell_only_changes_its_own_latents():
     assert torch.allclose(part[..., :16, :16], img[..., :16, :16], atol=1e-5)
 
 
-def test_loader_wraps_a_tokenizer_that_records_its_cell(tmp_path):
+def test_loader_wraps_a_tokenizer_that_records_its_cell(tmp_path, monkeypatch):
     from fluid_cli.stages import pretrained as pt
 
     vae = _tiny_vae()
@@ -69,6 +69,9 @@ def test_loader_wraps_a_tokenizer_that_records_its_cell(tmp_path):
     assert p.patch == 16 and isinstance(model, PatchLocal) and model.config.latent_channels == 4
     with pytest.raises(ValueError, match="multiple"):
         model.encode(torch.zeros(1, 3, 24, 24))
+    # a relative directory is recorded absolute: `fluid sample` decodes from any working directory
+    monkeypatch.chdir(tmp_path)
+    assert pt.resolve_image_tokenizer("vae").id == str((tmp_path / "vae").resolve())
 
 
 def test_identical_cells_are_encoded_once_with_the_same_result():
