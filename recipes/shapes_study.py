@@ -68,13 +68,15 @@ class Job:
         return f"{self.variant}-{self.size}" + (f"-s{self.seed}" if self.seed else "")
 
 
-def plan(variants: list[str], sizes: list[str], seeds: int, seeded: list[str] | None = None) -> list[Job]:
+def plan(
+    variants: list[str], sizes: list[str], seeds: int, seeded: list[str] | None = None, images: int = 20000
+) -> list[Job]:
     """Every (variant, size) with seed 0, plus seeds 1.. for the smallest size (only the variants in
     `seeded`, default all), the longest first (so two workers finish together)."""
     jobs = [Job(v, s, 0) for s in sizes for v in variants]
     smallest = min(sizes, key=SIZES.index) if all(s in SIZES for s in sizes) else sizes[0]
     jobs += [Job(v, smallest, k) for k in range(1, seeds) for v in variants if seeded is None or v in seeded]
-    return sorted(jobs, key=lambda j: -job_seconds(j, 1))
+    return sorted(jobs, key=lambda j: -job_seconds(j, images))
 
 
 def job_seconds(job: Job, images: int, rates: dict | None = None, evals: dict | None = None) -> float:
@@ -228,7 +230,7 @@ def main() -> None:
     a.images = a.steps * a.batch
     if a.job:
         return run_job(a.out, Job(a.job[0], a.job[1], int(a.job[2])), a)
-    jobs = plan(a.variants, a.sizes, a.seeds, a.seeded)
+    jobs = plan(a.variants, a.sizes, a.seeds, a.seeded, a.images)
     est = estimate(jobs, a.images, a.workers)
     print(f"shapes study: {len(jobs)} runs ({len(a.variants)} variants x {len(a.sizes)} sizes + "
           f"{len(jobs) - len(a.variants) * len(a.sizes)} extra seeds), {a.images} images each "
