@@ -451,10 +451,11 @@ def measured_rates(rows: list[dict]) -> dict:
 
 
 def public_row(r: dict) -> dict:
-    """One row of docs/shapes-study.json (the issue's columns)."""
-    return {"variant": r["variant"], "size": r["size"], "seed": r["seed"], "params": r["params"],
+    """One row of docs/shapes-study.json: the run's numbers, readable by `fluid fit-scaling --table`."""
+    return {"run": r["run"], "variant": r["variant"], "size": r["size"], "seed": r["seed"], "params": r["params"],
+            "steps": r["steps"], "batch": r["images_seen"] // r["steps"] if r["steps"] else None,
             "images_seen": r["images_seen"], "train_wall_s": r["train_s"], "eval_wall_s": r["eval_s"],
-            "val_loss": r["val_loss"], "geneval_overall": r["geneval"],
+            "val_loss": r["val_loss"], "geneval": r["geneval"],
             "geneval_tags": {t: r["tags"].get(t) for t in TAGS}, "fidelity": r["fidelity"]}  # fmt: skip
 
 
