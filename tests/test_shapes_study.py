@@ -89,7 +89,7 @@ def test_findings_on_a_made_up_study():
     fits = {"fits": [{"what": "val_loss vs params", "variant": v, "b": -0.1, "b_ci": [-0.2, -0.01],
                       "r2_log": 0.99, "n": 4} for v in study.VARIANTS]}  # fmt: skip
     f = study.findings(rows, fits)
-    assert f["noise"] == pytest.approx(0.01)
+    assert f["noise"] == pytest.approx(study.OVERALL_FLOOR)  # the spread (0.01) is below the floor
     assert f["1_random_vs_raster"]["verdict"] == "held"
     assert f["2_continuous_vs_discrete"]["verdict_geneval"] == "held"
     assert f["3_power_law"]["verdict"] == "held"
