@@ -42,12 +42,13 @@ SIZES = ("tiny", "mini", "small")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting threshold)
 TEXT_TOKENS = 16  # the demo's: the shapes captions take at most 11 T5 tokens
-# Training images/s of one run on one thread while a second run trains beside it, and the seconds
-# its evaluation takes (66 prompts x 2 images), per (token kind, size): measured on the 2-core AMD
-# EPYC of docs/shapes-study.md (its study.json, `measured`), so the estimate printed up front is
-# what this machine did last time.
-RATE = {("cont", "tiny"): 170.0, ("disc", "tiny"): 330.0, ("cont", "mini"): 75.0,
-        ("disc", "mini"): 140.0, ("cont", "small"): 36.0, ("disc", "small"): 70.0}  # fmt: skip
+# Training images/s of one run on one thread while a second run trains beside it, per (token kind,
+# size): a 16-step calibration on the 2-core AMD EPYC of docs/shapes-study.md (rand-cont and
+# rast-disc side by side, images/s of steps 9-16: cont 362 / 207 / 99, disc 572 / 339 / 186), less
+# 15% for validation and checkpoints. EVAL_S, the seconds of an evaluation (66 prompts x 2 images),
+# scaled from a smoke run; both are replaced by the study's own measurements (study.json, `measured`).
+RATE = {("cont", "tiny"): 310.0, ("disc", "tiny"): 490.0, ("cont", "mini"): 175.0,
+        ("disc", "mini"): 290.0, ("cont", "small"): 85.0, ("disc", "small"): 160.0}  # fmt: skip
 EVAL_S = {("cont", "tiny"): 55.0, ("disc", "tiny"): 25.0, ("cont", "mini"): 80.0,
           ("disc", "mini"): 35.0, ("cont", "small"): 120.0, ("disc", "small"): 50.0}  # fmt: skip
 FIXED_S = 420.0  # data, both tokenizers side by side (~320 s), tokenize x 2, encode-text, ceilings
