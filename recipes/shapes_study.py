@@ -1,6 +1,6 @@
 """The paper's study at CPU scale: four variants x three sizes on the shapes grid world.
 
-    python recipes/shapes_study.py --out runs/shapes-study            # ~55 min on 2 CPU cores
+    python recipes/shapes_study.py --out runs/shapes-study            # ~40 min on 2 CPU cores
     python recipes/shapes_study.py --out runs/shapes-study --sizes tiny --variants rand-cont
 
 Prints a time estimate first, then runs every stage through the `fluid` CLI; a rerun skips what is
@@ -42,16 +42,16 @@ SIZES = ("tiny", "mini", "small")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting threshold)
 TEXT_TOKENS = 16  # the demo's: the shapes captions take at most 11 T5 tokens
-# Training images/s of one run on one thread while a second run trains beside it, per (token kind,
-# size): a 16-step calibration on the 2-core AMD EPYC of docs/shapes-study.md (rand-cont and
-# rast-disc side by side, images/s of steps 9-16: cont 362 / 207 / 99, disc 572 / 339 / 186), less
-# 15% for validation and checkpoints. EVAL_S, the seconds of an evaluation (66 prompts x 2 images),
-# scaled from a smoke run; both are replaced by the study's own measurements (study.json, `measured`).
-RATE = {("cont", "tiny"): 310.0, ("disc", "tiny"): 490.0, ("cont", "mini"): 175.0,
-        ("disc", "mini"): 290.0, ("cont", "small"): 85.0, ("disc", "small"): 160.0}  # fmt: skip
-EVAL_S = {("cont", "tiny"): 55.0, ("disc", "tiny"): 25.0, ("cont", "mini"): 80.0,
-          ("disc", "mini"): 35.0, ("cont", "small"): 120.0, ("disc", "small"): 50.0}  # fmt: skip
-FIXED_S = 420.0  # data, both tokenizers side by side (~320 s), tokenize x 2, encode-text, ceilings
+# Training images/s of one run on one thread while a second run trains beside it, and the seconds of
+# its evaluation (66 prompts x 2 images), per (token kind, size): the means this study measured on
+# the 2-core AMD EPYC of docs/shapes-study.md (study.json, `measured`; 2026-12-02), so the estimate
+# printed up front is what this machine did. FIXED_S: data + both tokenizers side by side (the VQ,
+# 450 s, is the longer) + tokenize x 2 + encode-text + the two ceilings, measured 9.3 min.
+RATE = {("cont", "tiny"): 336.0, ("disc", "tiny"): 572.0, ("cont", "mini"): 168.0,
+        ("disc", "mini"): 264.0, ("cont", "small"): 88.0, ("disc", "small"): 145.0}  # fmt: skip
+EVAL_S = {("cont", "tiny"): 38.0, ("disc", "tiny"): 16.0, ("cont", "mini"): 45.0,
+          ("disc", "mini"): 17.0, ("cont", "small"): 69.0, ("disc", "small"): 22.0}  # fmt: skip
+FIXED_S = 560.0
 
 
 @dataclass(frozen=True)
