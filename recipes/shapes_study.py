@@ -192,12 +192,17 @@ def power_law_verdict(fits: dict[str, dict], goal: float = 0.95) -> str:
     return "did not hold"
 
 
-def correlation_verdict(r: float | None, span: float, noise: float | None) -> str:
-    """Finding 4 for one variant: lower loss with higher GenEval (r <= -0.8) over a GenEval range
-    wider than the noise; not measurable when the range is within it."""
+def correlation_verdict(r: float | None, span: float, noise: float | None, n: int = 0) -> str:
+    """Finding 4 for one variant: lower loss with higher GenEval (r <= -0.8, and the Fisher-z 95%
+    interval below 0 when n is given) over a GenEval range wider than the noise; not measurable when
+    the range is within it; 'paper's sign, interval includes 0' when n runs are too few to tell."""
     if r is None or noise is None or span <= noise:
         return "not measurable"
-    return "held" if r <= -0.8 else "did not hold"
+    if r > -0.8:
+        return "did not hold"
+    if n > 3 and math.tanh(math.atanh(max(r, -0.999999)) + 1.96 / math.sqrt(n - 3)) >= 0:
+        return "paper's sign, interval includes 0"
+    return "held"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +325,13 @@ def study(a: argparse.Namespace, jobs: list[Job]) -> None:
         fits = json.loads((out / "scaling" / "summary.json").read_text())
     grids = write_grids(out, rows)
     measured = measured_rates(rows)
+    # a resumed study adds up its invocations (setup: the first, the one that ran the stages)
+    prev = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    invocations = [*prev.get("invocations", []), {"minutes": round((time.perf_counter() - t0) / 60, 1),
+                                                  "setup_minutes": round(setup_s / 60, 1)}]  # fmt: skip
     table = {"rows": rows, "ceilings": ceilings, "images_per_run": a.images, "steps": a.steps,
              "batch": a.batch, "eval_images_per_prompt": a.eval_images, "workers": a.workers,
-             "setup_minutes": round(setup_s / 60, 1), "minutes": round((time.perf_counter() - t0) / 60, 1),
+             "minutes": round(sum(i["minutes"] for i in invocations), 1), "invocations": invocations,
              "measured": measured, "grids": grids}  # fmt: skip
     table["findings"] = findings(rows, fits)
     (out / "study.json").write_text(json.dumps(table, indent=1) + "\n")
@@ -529,7 +538,7 @@ def findings(rows: list[dict], fits: dict) -> dict:
                 "r": rr,
                 "n": len(pts),
                 "geneval_span": span,
-                "verdict": correlation_verdict(rr, span, noise),
+                "verdict": correlation_verdict(rr, span, noise, len(pts)),
             }
     sizes = [s for s in SIZES if any(r["size"] == s for r in rows)]
     pairs = [(v, sizes[0], sizes[-1]) for v in VARIANTS]

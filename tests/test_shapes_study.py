@@ -76,6 +76,8 @@ def test_power_law_and_correlation_verdicts():
     assert study.correlation_verdict(0.3, 0.2, 0.05) == "did not hold"
     assert study.correlation_verdict(-0.95, 0.03, 0.05) == "not measurable"
     assert study.correlation_verdict(None, 0.2, 0.05) == "not measurable"
+    assert study.correlation_verdict(-0.81, 0.2, 0.05, n=4) == "paper's sign, interval includes 0"
+    assert study.correlation_verdict(-0.99, 0.2, 0.05, n=6) == "held"
 
 
 def test_findings_on_a_made_up_study():
