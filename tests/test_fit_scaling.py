@@ -241,3 +241,15 @@ def test_error_missing_column_and_run_dir_without_metrics(tmp_path: Path) -> Non
 def test_help() -> None:
     res = CliRunner().invoke(app, ["fit-scaling", "--help"])
     assert res.exit_code == 0 and "--extrapolate" in res.output and "--table" in res.output
+
+
+def test_geneval_zero_skips_its_fit_not_the_command(tmp_path: Path) -> None:
+    """A GenEval of 0 (nothing correct: small CPU runs) skips that variant's GenEval fit with a
+    reason; the loss fits are still made."""
+    t = tmp_path / "zero.csv"
+    t.write_text("variant,size,params,val_loss,geneval\nv,a,1e8,0.3,0.0\nv,b,2e8,0.25,0.1\nv,c,4e8,0.2,0.2\n")
+    p = _cli("fit-scaling", "--table", str(t), "--out", str(tmp_path / "o"))
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [f["what"] for f in summary["fits"]] == ["val_loss vs params"]
+    assert any("GenEval score of 0" in s for s in summary["skipped"])

@@ -273,6 +273,7 @@ def test_study_fidelity_measure(tmp_path: Path):
     """recipes/shapes_study.py's image-quality measure: 1.0 on ground truth, 0 on blank images, and
     a crisp shape the prompt does not name counts against the image."""
     import importlib.util
+    import sys
 
     from PIL import Image
 
@@ -282,6 +283,7 @@ def test_study_fidelity_measure(tmp_path: Path):
         "shapes_study", Path(__file__).parents[1] / "recipes" / "shapes_study.py"
     )
     study = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("shapes_study", study)  # dataclasses look their module up
     spec.loader.exec_module(study)
     root = write_reference_layout(tmp_path / "ref", images_per_prompt=2)
     assert study.shape_fidelity(root)["fidelity"] == 1.0

@@ -87,6 +87,10 @@ def _fit_groups(groups: dict[str, tuple[list[float], list[float]]], what: str, o
     """Fit each variant's points; too few sizes is a skip (with the reason), bad values an error."""
     fits = {}
     for variant, (x, y) in groups.items():
+        if what.startswith("geneval") and 0.0 in y and all(v >= 0 for v in y):
+            # a GenEval of 0 is a measurement (nothing correct), not a bad row; it has no logarithm
+            skipped.append(f"cannot fit {what} ({variant}): a GenEval score of 0 has no logarithm")
+            continue
         check_positive(x, y, what, variant)
         try:
             check_sizes(x, what, variant)
