@@ -249,8 +249,11 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise)  # (N, C)
         out = model_fn(x_t, self.model_timesteps(t)).float()  # (N, 2C)
         c = x_start.shape[1]
-        target = {"eps": noise, "x0": x_start}.get(self.prediction)
-        if target is None:
+        if self.prediction == "eps":
+            target = noise
+        elif self.prediction == "x0":
+            target = x_start
+        else:
             target = self.v_target(x_start, t, noise)
         mse = ((target - out[:, :c]) ** 2).flatten(1).mean(dim=1)  # (N,)
         eps = self.to_eps(out, x_t, t)[:, :c]
