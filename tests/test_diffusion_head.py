@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fluid_cli.models.diffusion_head import DiffusionHead
+from fluid_cli.models.flow_matching import RectifiedFlow
 from fluid_cli.models.gaussian_diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 
 
@@ -169,6 +170,9 @@ def test_vb_gradient_only_into_variance() -> None:
 def test_param_count_closed_form(dims: tuple[int, int, int, int]) -> None:
     head = DiffusionHead(*dims)
     assert DiffusionHead.param_count(*dims) == sum(p.numel() for p in head.parameters())
+    flow = DiffusionHead(*dims, prediction="flow")  # the velocity only: no variance outputs
+    assert flow.final.linear.out_features == dims[0]
+    assert DiffusionHead.param_count(*dims, out_dim=dims[0]) == sum(p.numel() for p in flow.parameters())
 
 
 def test_forward_shape_and_zero_init() -> None:
@@ -375,3 +379,80 @@ def test_conditional_sampling_hits_selected_mean(overfit_head: tuple[DiffusionHe
     assert out[:32].std() < 0.5 and out[32:].std() < 0.5
     # The public path runs the same net end to end (values not checked, see above).
     assert head.sample(cond, _noise_fn(5, (64, 4)), num_steps=100).shape == (64, 4)
+
+
+# ---- rectified flow (model.head_prediction = "flow") -----------------------------------------------
+
+
+def test_flow_levels_are_logit_normal_quantiles() -> None:
+    """The keyed integer steps map to increasing noise levels in (0, 1) with the median at 0.5."""
+    flow = RectifiedFlow(1000)
+    s = flow.train_levels(torch.arange(1000))
+    assert bool((s > 0).all() and (s < 1).all() and (s.diff() > 0).all())
+    assert abs(float(s[499:501].mean()) - 0.5) < 1e-3
+    normal = torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(torch.logit(s[[99, 899]]), normal.icdf(torch.tensor([0.0995, 0.8995])))
+
+
+def test_flow_loss_is_velocity_mse() -> None:
+    """The true velocity costs nothing; an error d in v costs d^2 (an x0 error of s·d, so a given x0
+    error weighs 1/s^2: as much at high noise as an x0 loss, unlike eps)."""
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(32, 4, generator=g), torch.randn(32, 4, generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    flow = RectifiedFlow(1000)
+    s = flow.train_levels(t)[:, None]
+    seen = {}
+
+    def oracle(err: float):
+        def fn(x_t: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+            seen["x_t"], seen["tm"] = x_t, tm
+            return noise - x0 + err
+
+        return fn
+
+    assert flow.training_losses(oracle(0.0), x0, t, noise)["loss"].abs().max() < 1e-10
+    torch.testing.assert_close(seen["x_t"], (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(seen["tm"], 1000 * s[:, 0])
+    torch.testing.assert_close(
+        flow.training_losses(oracle(0.1), x0, t, noise)["loss"], torch.full((32,), 0.01)
+    )
+
+
+def test_flow_sampler_follows_the_velocity_field() -> None:
+    """For a point mass at c the true velocity is (x - c)/s and Euler steps end exactly at c from any
+    noise; guidance combines the conditional and unconditional velocities; clip_x0 bounds x0."""
+    c = torch.tensor([[0.5, -1.0, 2.0]]).expand(4, 3)
+    flow = RectifiedFlow.respaced(1000, 10)
+    assert flow.num_steps == 10 and flow.prediction == "flow"
+
+    def field(x: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+        return (x - c) / (tm[:, None] / 1000)
+
+    for temperature in (1.0, 0.5):
+        out = flow.p_sample_loop(field, (4, 3), _noise_fn(3, (4, 3)), temperature=temperature)
+        torch.testing.assert_close(out, c, atol=1e-5, rtol=1e-5)
+    clipped = flow.p_sample_loop(field, (4, 3), _noise_fn(3, (4, 3)), clip_x0=1.5)
+    torch.testing.assert_close(clipped, c.clamp(-1.5, 1.5), atol=1e-5, rtol=1e-5)
+
+    # guidance: conditional rows aim at c, unconditional at 0; scale 2 aims at 2c (linear field)
+    def two_way(x: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+        return (x - torch.cat([c, torch.zeros_like(c)])) / (tm[:, None] / 1000)
+
+    combine = lambda out: 2 * out[:4] - out[4:]  # noqa: E731
+    guided = flow.p_sample_loop(two_way, (4, 3), _noise_fn(3, (4, 3)), cfg_combine=combine)
+    torch.testing.assert_close(guided, 2 * c, atol=1e-4, rtol=1e-4)
+
+
+def test_flow_head_learns_the_conditional_targets() -> None:
+    """A tiny flow head trained on the two-point data samples near the mean its condition selects,
+    through the public sampler (all steps, from s = 1)."""
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=4, cond_dim=8, width=32, depth=2, batch_mul=4, prediction="flow")
+    before = _eval_loss(head, _signed_batch)
+    _train(head, _signed_batch, steps=150)
+    assert _eval_loss(head, _signed_batch) < 0.25 * before
+    cond = torch.cat([torch.ones(32, 8), -torch.ones(32, 8)])
+    out = head.sample(cond, _noise_fn(5, (64, 4)), num_steps=50)
+    assert (out[:32].mean() - 2.0).abs() < 0.3 and (out[32:].mean() + 2.0).abs() < 0.3
+    assert out[:32].std() < 0.5 and out[32:].std() < 0.5

@@ -66,7 +66,7 @@ def test_head_width_from_registry_or_recipe(tmp_path):
     recipe.write_text('[model]\nhead_width = 256\nhead_prediction = "v"\n')
     r = resolve(recipe, {}, [])
     assert (r.model.head_width, r.model.head_prediction) == (256, "v")
-    with pytest.raises(FluidError, match="model.head_prediction .x1. is not one of eps, v, x0"):
+    with pytest.raises(FluidError, match="model.head_prediction .x1. is not one of eps, v, x0, flow"):
         resolve(recipe, {}, ["model.head_prediction=x1"])
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from fluid_cli.models.flow_matching import RectifiedFlow
 from fluid_cli.models.gaussian_diffusion import GaussianDiffusion, NoiseFn
 
 FREQ_DIM = 256  # sinusoidal timestep features, as DiT / MAR
@@ -78,9 +79,15 @@ class DiffusionHead(nn.Module):
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList(_ResBlock(width) for _ in range(depth))
-        self.final = _FinalLayer(width, 2 * token_dim)
+        # Gaussian diffusion: [eps (or v, x0) | variance interpolant]; rectified flow: the velocity only
+        self.out_dim = token_dim if prediction == "flow" else 2 * token_dim
+        self.final = _FinalLayer(width, self.out_dim)
         with torch.device("cpu"):  # host-side float64 tables, also when the model is built on meta
-            self.train_diffusion = GaussianDiffusion.cosine(num_train_steps, prediction)
+            self.train_diffusion = (
+                RectifiedFlow(num_train_steps)
+                if prediction == "flow"
+                else GaussianDiffusion.cosine(num_train_steps, prediction)
+            )
         # Respaced samplers by step count (plain attribute: schedule tables are not parameters).
         self._gen_diffusions: dict[int, GaussianDiffusion] = {}
         self.reset_parameters()
@@ -99,17 +106,21 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(lin.bias)
 
     @staticmethod
-    def param_count(token_dim: int, cond_dim: int, width: int, depth: int = 6) -> int:
-        """Closed-form number of parameters of a head with these sizes."""
-        w = width
+    def param_count(
+        token_dim: int, cond_dim: int, width: int, depth: int = 6, out_dim: int | None = None
+    ) -> int:
+        """Closed-form number of parameters of a head with these sizes (out_dim: 2·token_dim unless
+        given, token_dim for rectified flow)."""
+        w, out_dim = width, out_dim or 2 * token_dim
         time = (FREQ_DIM * w + w) + (w * w + w)
         inputs = (cond_dim * w + w) + (token_dim * w + w)
         block = 2 * w + 2 * (w * w + w) + (w * 3 * w + 3 * w)  # LN affine, MLP, adaLN
-        final = (w * 2 * w + 2 * w) + (w * 2 * token_dim + 2 * token_dim)  # adaLN, output
+        final = (w * 2 * w + 2 * w) + (w * out_dim + out_dim)  # adaLN, output
         return time + inputs + depth * block + final
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t (N, C), t (N,) training steps, cond (N, D) -> (N, 2C) = [eps | v]."""
+        """x_t (N, C), t (N,) training steps, cond (N, D) -> (N, out_dim): [eps | variance
+        interpolant] for Gaussian diffusion, the velocity (N, C) for rectified flow."""
         h = self.input_proj(x_t)  # (N, W)
         c = self.time_embed(timestep_embedding(t).to(h.dtype)) + self.cond_embed(cond)  # (N, W)
         for block in self.blocks:
@@ -152,7 +163,8 @@ class DiffusionHead(nn.Module):
 
     def gen_diffusion(self, num_steps: int) -> GaussianDiffusion:
         if num_steps not in self._gen_diffusions:
-            self._gen_diffusions[num_steps] = GaussianDiffusion.respaced(
+            process = RectifiedFlow if self.train_diffusion.prediction == "flow" else GaussianDiffusion
+            self._gen_diffusions[num_steps] = process.respaced(
                 self.num_train_steps, num_steps, self.train_diffusion.prediction
             )
         return self._gen_diffusions[num_steps]
@@ -194,7 +206,8 @@ class DiffusionHead(nn.Module):
             scale = scale.to(cond.device, torch.float32).reshape(-1, 1)  # (N, 1) or (1, 1)
 
             def combine(out: torch.Tensor) -> torch.Tensor:
-                cond_out, uncond_out = out[:n], out[n:]  # (N, 2C) each
+                cond_out, uncond_out = out[:n], out[n:]  # (N, out_dim) each
+                # eps (or v, x0, the flow's velocity) guided; the variance (if any) is the conditional one
                 eps = uncond_out[:, :c] + scale * (cond_out[:, :c] - uncond_out[:, :c])
                 return torch.cat([eps, cond_out[:, c:]], dim=1)
 

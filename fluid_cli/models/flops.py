@@ -27,7 +27,8 @@ def head_flops_per_token(cfg: ModelConfig) -> int:
     W, C = cfg.head_width, cfg.token_channels
     f = 2 * (C * W + cfg.width * W + 256 * W + W * W)  # input proj, cond proj, timestep MLP
     f += cfg.head_depth * 2 * (2 * W * W + 3 * W * W)  # per block: MLP (2 W^2) + adaLN (3 W^2)
-    f += 2 * (2 * W * W + W * 2 * C)  # final adaLN + output layer
+    out = C if cfg.head_prediction == "flow" else 2 * C  # flow: no variance outputs
+    f += 2 * (2 * W * W + W * out)  # final adaLN + output layer
     return f
 
 

@@ -21,7 +21,7 @@ import torch
 
 from fluid_cli.config import HeadPrediction, choices
 
-PREDICTIONS = choices(HeadPrediction)  # what the network outputs besides the variance interpolant
+PREDICTIONS = tuple(p for p in choices(HeadPrediction) if p != "flow")  # flow: flow_matching.py
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 
