@@ -25,7 +25,7 @@ Device = Literal["auto", "cuda", "xla", "mps", "cpu"]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on accelerators, fp32 on cpu
 Parallel = Literal["auto", "ddp", "fsdp"]  # auto: fsdp for sizes >= 3.1b, else ddp
 Checkpointing = Literal["auto", "on", "off"]  # auto: on with fsdp
-HeadPrediction = Literal["eps", "v", "x0", "flow"]  # what the diffusion head predicts (gaussian_diffusion.py)
+HeadPrediction = Literal["eps", "v", "x0", "flow"]  # gaussian_diffusion.py; flow: flow_matching.py
 CfgSchedule = Literal["constant", "linear"]
 Sampler = Literal["ddpm", "ddim"]
 DiscreteOrder = Literal["random", "confidence"]

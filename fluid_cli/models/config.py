@@ -11,6 +11,12 @@ from dataclasses import asdict, dataclass, fields
 from fluid_cli.registry import PAPER_DATA, get_size, get_variant
 
 
+def head_output_dim(token_dim: int, prediction: str) -> int:
+    """Width of the diffusion head's output: 2·token_dim for Gaussian diffusion ([eps, v or x0 |
+    variance interpolant]), token_dim for rectified flow (the velocity: no variance to learn)."""
+    return token_dim if prediction == "flow" else 2 * token_dim
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str
@@ -30,7 +36,7 @@ class ModelConfig:
     patch: int = 2  # continuous: latent pixels grouped per token side
     diffusion_steps: int = 1000  # training steps of the per-token diffusion (cosine schedule)
     diffusion_batch_mul: int = 4  # MAR's diffusion_batch_mul: noise draws per token per step
-    head_prediction: str = "eps"  # what the diffusion head predicts: "eps" (MAR), "v" or "x0"
+    head_prediction: str = "eps"  # what the diffusion head predicts: "eps" (MAR), "v", "x0" or "flow"
     head_width_override: int = 0  # diffusion head width; 0 = the backbone's width
 
     @property

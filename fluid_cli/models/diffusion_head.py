@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from fluid_cli.models.config import head_output_dim
 from fluid_cli.models.flow_matching import RectifiedFlow
 from fluid_cli.models.gaussian_diffusion import GaussianDiffusion, NoiseFn
 
@@ -79,8 +80,7 @@ class DiffusionHead(nn.Module):
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList(_ResBlock(width) for _ in range(depth))
-        # Gaussian diffusion: [eps (or v, x0) | variance interpolant]; rectified flow: the velocity only
-        self.out_dim = token_dim if prediction == "flow" else 2 * token_dim
+        self.out_dim = head_output_dim(token_dim, prediction)
         self.final = _FinalLayer(width, self.out_dim)
         with torch.device("cpu"):  # host-side float64 tables, also when the model is built on meta
             self.train_diffusion = (
@@ -89,7 +89,7 @@ class DiffusionHead(nn.Module):
                 else GaussianDiffusion.cosine(num_train_steps, prediction)
             )
         # Respaced samplers by step count (plain attribute: schedule tables are not parameters).
-        self._gen_diffusions: dict[int, GaussianDiffusion] = {}
+        self._gen_diffusions: dict[int, GaussianDiffusion | RectifiedFlow] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -161,10 +161,9 @@ class DiffusionHead(nn.Module):
         terms = self.train_diffusion.training_losses(lambda x, tt: self(x, tt, cond_r), target_r, t, noise)
         return terms["loss"]
 
-    def gen_diffusion(self, num_steps: int) -> GaussianDiffusion:
+    def gen_diffusion(self, num_steps: int) -> GaussianDiffusion | RectifiedFlow:
         if num_steps not in self._gen_diffusions:
-            process = RectifiedFlow if self.train_diffusion.prediction == "flow" else GaussianDiffusion
-            self._gen_diffusions[num_steps] = process.respaced(
+            self._gen_diffusions[num_steps] = type(self.train_diffusion).respaced(
                 self.num_train_steps, num_steps, self.train_diffusion.prediction
             )
         return self._gen_diffusions[num_steps]

@@ -9,7 +9,7 @@ times per token in training and once per token per diffusion step when sampling.
 
 from __future__ import annotations
 
-from fluid_cli.models.config import ModelConfig
+from fluid_cli.models.config import ModelConfig, head_output_dim
 
 
 def _block_flops(tokens: int, width: int, mlp_ratio: int, ctx: int = 0) -> int:
@@ -27,8 +27,7 @@ def head_flops_per_token(cfg: ModelConfig) -> int:
     W, C = cfg.head_width, cfg.token_channels
     f = 2 * (C * W + cfg.width * W + 256 * W + W * W)  # input proj, cond proj, timestep MLP
     f += cfg.head_depth * 2 * (2 * W * W + 3 * W * W)  # per block: MLP (2 W^2) + adaLN (3 W^2)
-    out = C if cfg.head_prediction == "flow" else 2 * C  # flow: no variance outputs
-    f += 2 * (2 * W * W + W * out)  # final adaLN + output layer
+    f += 2 * (2 * W * W + W * head_output_dim(C, cfg.head_prediction))  # final adaLN + output layer
     return f
 
 

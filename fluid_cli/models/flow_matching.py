@@ -12,8 +12,8 @@ The object offers what `DiffusionHead` asks of `GaussianDiffusion`: `training_lo
 caller's integer steps t in [0, T) (FluidModel draws them keyed; they are mapped through the
 logit-normal's quantile function, so the keyed draw stays the only randomness), `model_timesteps`,
 `p_sample_loop` with the same noise / guidance conventions, and `respaced`. The network sees s·T
-as its timestep, so the sinusoidal embedding gets the same range as for diffusion. The network's
-second C outputs (the diffusion head's variance interpolant) are unused here.
+as its timestep, so the sinusoidal embedding gets the same range as for diffusion; it outputs the
+velocity only (models/config.py's `head_output_dim`: there is no variance to learn).
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ class RectifiedFlow:
         """MSE between the predicted and the true velocity, (N,)."""
         s = self.train_levels(t)[:, None]  # (N, 1)
         x_t = (1.0 - s) * x_start + s * noise
-        out = model_fn(x_t, self.model_timesteps(s[:, 0])).float()  # (N, C)
-        c = x_start.shape[1]
-        mse = ((noise - x_start - out[:, :c]) ** 2).flatten(1).mean(dim=1)
+        v = model_fn(x_t, self.model_timesteps(s[:, 0])).float()  # (N, C)
+        mse = ((noise - x_start - v) ** 2).flatten(1).mean(dim=1)
         return {"loss": mse, "mse": mse}
 
     @torch.no_grad()
@@ -77,16 +76,15 @@ class RectifiedFlow:
         x = noise_fn(-1) * temperature
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"noise_fn(-1) returned {tuple(x.shape)}, expected {tuple(shape)}")
-        n, c = shape[0], shape[1]
+        n, guided = shape[0], cfg_combine is not None
         levels = torch.linspace(1.0, 0.0, self.num_steps + 1, device=x.device)
         for k in range(self.num_steps):
             s, s_next = levels[k], levels[k + 1]
             s_rows = s.expand(n)
-            x_in, s_in = (torch.cat([x, x]), torch.cat([s_rows, s_rows])) if cfg_combine else (x, s_rows)
-            out = model_fn(x_in, self.model_timesteps(s_in)).float()
-            if cfg_combine is not None:
-                out = cfg_combine(out)
-            v = out[:, :c]
+            x_in, s_in = (torch.cat([x, x]), torch.cat([s_rows, s_rows])) if guided else (x, s_rows)
+            v = model_fn(x_in, self.model_timesteps(s_in)).float()  # ((2)N, C)
+            if guided:
+                v = cfg_combine(v)  # (N, C)
             if clip_x0:
                 x0 = (x - s * v).clamp(-clip_x0, clip_x0)
                 v = (x - x0) / s
