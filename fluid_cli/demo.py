@@ -21,8 +21,12 @@ from fluid_cli.errors import FluidError
 from fluid_cli.settings import DemoSettings, SampleRunSettings, SampleSettings
 
 log = logging.getLogger(__name__)
-# sampling + scoring + ceiling + report: 101-111 s measured for 330 images at tiny size
-SAMPLE_RESERVE_S = 120
+# The time kept after training for sampling + scoring + ceiling + report, scaled by this machine's
+# speed as the VAE's training measured it (seconds per step, both small-batch CPU work): they took
+# 0.38-0.41x the VAE's 800 steps on the two machines measured (24 s vs 63 s on an AVX-512 EPYC,
+# 101-111 s vs 272 s on an AVX2 one), so 0.6x keeps a 50% margin; 120 s when the VAE's report
+# holds no timing.
+SAMPLE_RESERVE_PER_VAE_S, MIN_SAMPLE_RESERVE_S, SAMPLE_RESERVE_S = 0.6, 30, 120
 IMAGE_SIZE, LAYOUT = 64, "grid"  # the shapes world the demo draws (docs/shapes.md)
 # images per evaluation prompt: the smallest tags (single_object, counting) have 5 prompts, so
 # 5 images each gives every tag at least 25 images (GenEval's own 4 gave single_object 4 here)
@@ -118,10 +122,9 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
         ["encode-text", tars, "--encoder", str(t5), "--max-length", str(TEXT_TOKENS), "--out", str(text)],
         clock,
     )
-    train_min = max(0.05, (clock.budget_s - clock.elapsed() - SAMPLE_RESERVE_S) / 60)  # a few steps at least
-    log.info(
-        "demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, SAMPLE_RESERVE_S
-    )
+    reserve_s = _sample_reserve_s(vae)
+    train_min = max(0.05, (clock.budget_s - clock.elapsed() - reserve_s) / 60)  # a few steps at least
+    log.info("demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, reserve_s)
     if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*/COMMIT")):
         run_cli(
             [
@@ -150,6 +153,16 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
     from fluid_cli.demo_report import write_report
 
     return write_report(out, run, data, result, ceiling, clock.timings, clock.elapsed())
+
+
+def _sample_reserve_s(vae: Path) -> float:
+    """Seconds to keep for sampling and scoring, from the VAE's measured seconds per training step."""
+    try:
+        report = json.loads((vae / "fluid-tokenizer.json").read_text())
+        per_step = report["train_seconds"] / report["settings"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return SAMPLE_RESERVE_S
+    return max(MIN_SAMPLE_RESERVE_S, SAMPLE_RESERVE_PER_VAE_S * per_step * 800)
 
 
 def _recipe() -> Path:

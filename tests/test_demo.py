@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -57,3 +58,19 @@ def test_demo_pipeline_smoke(tmp_path):
     assert max(len(tokenizer(p)["input_ids"]) for p in prompts) <= TEXT_TOKENS
     # a rerun skips every finished stage and rewrites the same report
     assert CliRunner().invoke(app, args).exit_code == 0
+
+
+def test_sample_reserve_scales_with_the_vaes_measured_speed(tmp_path):
+    from fluid_cli.demo import MIN_SAMPLE_RESERVE_S, SAMPLE_RESERVE_S, _sample_reserve_s
+
+    def reserve(report: dict | None) -> float:
+        if report is not None:
+            (tmp_path / "fluid-tokenizer.json").write_text(json.dumps(report))
+        return _sample_reserve_s(tmp_path)
+
+    assert reserve(None) == SAMPLE_RESERVE_S  # no report: the fixed reserve
+    slow = reserve({"train_seconds": 272.0, "settings": {"steps": 800}})
+    assert slow == pytest.approx(0.6 * 272.0)  # 0.6x the VAE's 800 steps
+    assert reserve({"train_seconds": 136.0, "settings": {"steps": 400}}) == pytest.approx(slow)  # per step
+    assert reserve({"train_seconds": 5.0, "settings": {"steps": 800}}) == MIN_SAMPLE_RESERVE_S
+    assert reserve({"train_seconds": 5.0, "settings": {}}) == SAMPLE_RESERVE_S  # malformed: fixed

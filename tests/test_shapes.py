@@ -187,6 +187,17 @@ def test_image_tokenizers_save_in_diffusers_format(tokenizers):
     assert tokenizers["vq16"][1]["tokens_per_image"] == 16 and tokenizers["vq16"][1]["latent_grid"] == [4, 4]
 
 
+def test_tokenizer_lr_warms_up_then_anneals_to_zero():
+    from fluid_cli.shapes.tokenizers import lr_factor
+
+    f = [lr_factor(i, 800) for i in range(800)]
+    assert f[0] == pytest.approx(1 / 50) and f[24] == pytest.approx(0.5, abs=0.01)  # linear warm-up
+    assert max(f) > 0.98 and f[400] == pytest.approx(0.5, abs=0.01)  # the cosine's midpoint
+    assert all(a >= b for a, b in zip(f[50:], f[51:], strict=False))  # never rises after warm-up
+    assert f[-1] < 1e-4  # annealed: the last steps settle instead of jumping between minima
+    assert lr_factor(0, 2) == pytest.approx(1.0)  # a 2-step run warms up in one step
+
+
 def test_text_encoder_round_trips_captions(tokenizers):
     from transformers import AutoTokenizer, T5EncoderModel
 

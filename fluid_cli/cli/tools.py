@@ -62,7 +62,7 @@ def train_tokenizer_cmd(
         None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."
     ),
     lr: float | None = typer.Option(
-        None, help="vae/vq: peak AdamW learning rate (default 3e-3; free layout: 2e-3)."
+        None, help="vae/vq: peak AdamW learning rate (default 2e-3), annealed to zero."
     ),
     downsample: int = typer.Option(
         0, help="vae/vq: pixels per latent side; 0 = size/8 (64 px: VAE 16 tokens, VQ 64 codes; vq 16: 16)."
