@@ -56,7 +56,7 @@ def train_tokenizer_cmd(
     ),
     steps: int | None = typer.Option(
         None,
-        help="vae/vq: training steps (default 800: ~3 CPU-minutes for the grid world's vae; free layout: 3000).",
+        help="vae/vq: training steps (default 800: 1-5 CPU-minutes for the grid world's vae; free layout: 3000).",
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."
