@@ -56,10 +56,10 @@ def train_tokenizer_cmd(
     ),
     steps: int | None = typer.Option(
         None,
-        help="vae/vq: training steps (default 800: 1-5 CPU-minutes for the grid world's vae; free layout: 3000).",
+        help="vae/vq: training steps (default 800: 1-5 CPU-minutes for the grid world's vae; the free layout wants 3000).",
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="vae/vq: images per step (default 64; free layout: 4)."
+        None, "--batch-size", help="vae/vq: images per step (default 64; the free layout wants 4)."
     ),
     lr: float | None = typer.Option(
         None, help="vae/vq: peak AdamW learning rate (default 2e-3), annealed to zero."
