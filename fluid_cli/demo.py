@@ -124,8 +124,16 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
     )
     reserve_s = _sample_reserve_s(vae)
     train_min = max(0.05, (clock.budget_s - clock.elapsed() - reserve_s) / 60)  # a few steps at least
-    log.info("demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, reserve_s)
-    if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*/COMMIT")):
+    saved = sorted((run / "checkpoints").glob("step-*/COMMIT")) if (run / "checkpoints").is_dir() else []
+    if saved:  # a rerun keeps what is done; an interrupted run is scored as it stands, not silently
+        log.info(
+            "train: %s already holds a checkpoint (%s); scoring it without training further "
+            "(delete %s to train again)", run, saved[-1].parent.name, run,
+        )  # fmt: skip
+    else:
+        log.info(
+            "demo: training gets %.1f min; %.0f s are kept for sampling and scoring", train_min, reserve_s
+        )
         run_cli(
             [
                 "train",
