@@ -198,6 +198,38 @@ def test_tokenizer_lr_warms_up_then_anneals_to_zero():
     assert lr_factor(0, 2) == pytest.approx(1.0)  # a 2-step run warms up in one step
 
 
+def test_vq_trains_as_an_autoencoder_then_seeds_its_codebook_on_encoder_outputs():
+    """Before vq_warmup_steps the quantizer is bypassed (no codebook gradient, no commitment); at the
+    first quantized step every code is seeded next to an encoder output of that step's cells."""
+    import torch
+
+    from fluid_cli.shapes.tokenizers import (
+        CodeStats,
+        TokenizerSettings,
+        build_model,
+        training_batch,
+        vq_loss,
+        vq_warmup_steps,
+    )  # fmt: skip
+
+    s = TokenizerSettings(kind="vq", downsample=16, vocab=8, steps=8)
+    assert s.resolved_lr() == 5e-4 and s.resolved_latent_channels() == 16
+    assert TokenizerSettings(kind="vae").resolved_lr() == 2e-3 and vq_warmup_steps(800) == 200
+    model, g, stats = build_model(s), torch.Generator().manual_seed(0), CodeStats(8)
+    codebook = model.quantize.embedding.weight
+    before = codebook.detach().clone()
+    x = training_batch(s, 0)
+    loss, info = vq_loss(model, x, stats, g, step=0, warmup=2)
+    loss.backward()
+    assert info["commit"] == 0.0 and codebook.grad is None
+    torch.testing.assert_close(codebook.detach(), before)  # untouched in the autoencoder phase
+    _, info = vq_loss(model, x, stats, g, step=2, warmup=2)
+    z = model.encode(x).latents.permute(0, 2, 3, 1).reshape(-1, 16).detach()
+    nearest = torch.cdist(codebook.detach(), z).min(dim=1).values
+    assert (nearest < 0.05 * z.std() * 16**0.5).all(), nearest  # each code within its seeding noise
+    assert info["commit"] > 0.0
+
+
 def test_text_encoder_round_trips_captions(tokenizers):
     from transformers import AutoTokenizer, T5EncoderModel
 

@@ -62,7 +62,7 @@ def train_tokenizer_cmd(
         None, "--batch-size", help="vae/vq: images per step (default 64; the free layout wants 4)."
     ),
     lr: float | None = typer.Option(
-        None, help="vae/vq: peak AdamW learning rate (default 2e-3), annealed to zero."
+        None, help="vae/vq: peak AdamW learning rate (default vae 2e-3, vq 5e-4), annealed to zero."
     ),
     downsample: int = typer.Option(
         0, help="vae/vq: pixels per latent side; 0 = size/8 (64 px: VAE 16 tokens, VQ 64 codes; vq 16: 16)."

@@ -51,7 +51,9 @@ class TokenizerSettings:
     # per encoder block (the first len(blocks) are used); () = the kind's default: at 3000 x 4
     # the VAE did better at (16, 32, 64) (31.2 vs 29.2 dB), the VQ at (32, 64, 64) (31.3 vs 26.9)
     channels: tuple[int, ...] = ()
-    latent_channels: int = 4  # VAE latents (4, as SD: grouped 2x2 -> 16-channel tokens); VQ: code dim
+    # VAE latents (4, as SD: grouped 2x2 -> 16-channel tokens); VQ: the code dimension. 0: the kind's
+    # default, VAE 4, VQ 16: a 16 px cell's 16 numbers, as the VAE gives it (resolved_latent_channels)
+    latent_channels: int = 0
     vocab: int = 512  # VQ codebook size
     kl_weight: float = KL_WEIGHT  # VAE: weight of the KL term against the summed reconstruction loss
     norm_groups: int = 1  # GroupNorm groups; one group of 16 channels (SD: 32 of 128+), not
@@ -64,8 +66,18 @@ class TokenizerSettings:
     # docs/shapes.md
     steps: int = 800
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 0.0  # 0: the kind's default (resolved_lr)
     seed: int = 0
+
+    def resolved_lr(self) -> float:
+        """VAE 2e-3; VQ 5e-4: at 2e-3 the VQ's encoder at --downsample 16 stalled on the background
+        (reconstruction MSE 0.15 after 200 steps as a plain autoencoder; 5e-4 with 16-dim codes:
+        0.018), and the 800-step VQ reached 32.1 / 33.8 dB, ceiling 0.89 / 0.995 (seeds 0 / 1)
+        instead of 18-21 dB and 0.00-0.05 (docs/shapes.md)."""
+        return self.lr or (5e-4 if self.kind == "vq" else 2e-3)
+
+    def resolved_latent_channels(self) -> int:
+        return self.latent_channels or (16 if self.kind == "vq" else 4)
 
     def resolved_downsample(self) -> int:
         return self.downsample or max(2, self.size // 8)
@@ -99,10 +111,10 @@ def model_config(s: TokenizerSettings) -> dict:
         "norm_num_groups": s.norm_groups,
         "mid_block_add_attention": False,
         "sample_size": side,
-        "latent_channels": s.latent_channels,
+        "latent_channels": s.resolved_latent_channels(),
     }
     if s.kind == "vq":
-        cfg.update(num_vq_embeddings=s.vocab, vq_embed_dim=s.latent_channels)
+        cfg.update(num_vq_embeddings=s.vocab, vq_embed_dim=s.resolved_latent_channels())
     return cfg
 
 
@@ -118,7 +130,7 @@ def build_model(s: TokenizerSettings):
         # start with a near-deterministic posterior (std ~0.05, not 1): otherwise the decoder first
         # sees mostly noise, and with SD's tiny KL weight unlearning it takes most of a short run
         with torch.no_grad():
-            model.quant_conv.bias[s.latent_channels :] = -6.0
+            model.quant_conv.bias[s.resolved_latent_channels() :] = -6.0
     return model
 
 
@@ -179,12 +191,25 @@ class CodeStats:
         return len(dead)
 
 
-def vq_loss(model, x: torch.Tensor, stats: CodeStats, g: torch.Generator, step: int):
+def vq_warmup_steps(steps: int) -> int:
+    """Steps the VQ first trains as a plain autoencoder (no quantizer), before its codebook is
+    seeded on the encoder outputs. Quantizing from step 0, the encoder collapsed: its outputs
+    shrank to one point (commitment loss 4e-8, 18 codes used, every image decoded as background,
+    21.4 dB and a reconstruction shapes-GenEval of 0.00 in 800 steps); codes seeded on outputs that
+    already tell the cells apart keep them apart (docs/shapes.md)."""
+    return steps // 4
+
+
+def vq_loss(model, x: torch.Tensor, stats: CodeStats, g: torch.Generator, step: int, warmup: int = 0):
     h = model.encode(x).latents  # (B, D, h, w), the input of model.quantize
     b, d, hh, ww = h.shape
+    if step < warmup:  # the autoencoder phase: decode the encoder outputs themselves
+        y = model.decode(h, force_not_quantize=True).sample
+        rec = _reconstruction_loss(x, y)
+        return rec, {"rec": rec.item(), "commit": 0.0, "codes_used": 0, "restarted": 0}
     z = h.permute(0, 2, 3, 1).reshape(-1, d)
     codebook = model.quantize.embedding.weight
-    if step == 0:  # seed the codebook on encoder outputs, so every code starts where data is
+    if step == warmup:  # seed the codebook on encoder outputs, so every code starts where data is
         pick = torch.randint(0, z.shape[0], (codebook.shape[0],), generator=g)
         noise = 0.01 * z.detach().std() * torch.randn(codebook.shape, generator=g)
         codebook.data.copy_(z[pick].detach() + noise)
@@ -213,7 +238,7 @@ def lr_factor(step: int, steps: int) -> float:
 
 def train(model, s: TokenizerSettings, progress=None) -> tuple[object, list[dict]]:
     """The training loop: fresh generator images every step, AdamW, warm-up then cosine to zero."""
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.resolved_lr(), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s.steps))
     g = torch.Generator().manual_seed(s.seed)
     stats = CodeStats(s.vocab)
@@ -224,7 +249,7 @@ def train(model, s: TokenizerSettings, progress=None) -> tuple[object, list[dict
         if s.kind == "vae":
             loss, info = vae_loss(model, x, s.kl_weight)
         else:
-            loss, info = vq_loss(model, x, stats, g, step)
+            loss, info = vq_loss(model, x, stats, g, step, vq_warmup_steps(s.steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -270,7 +295,14 @@ def train_tokenizer(s: TokenizerSettings, out: Path, progress=None) -> dict:
     report = {
         "kind": s.kind,
         "class": type(model).__name__,
-        "settings": {**asdict(s), "downsample": f, "channels": widths, "patch": patch},
+        "settings": {
+            **asdict(s),
+            "downsample": f,
+            "channels": widths,
+            "patch": patch,
+            "lr": s.resolved_lr(),
+            "latent_channels": s.resolved_latent_channels(),
+        },
         "patch": patch,  # read by fluid tokenize / sample: each patch x patch cell is encoded alone
         "latent_grid": [grid, grid],
         "tokens_per_image": tokens,
