@@ -42,16 +42,18 @@ SIZES = ("tiny", "mini", "small")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting threshold)
 TEXT_TOKENS = 16  # the demo's: the shapes captions take at most 11 T5 tokens
+CFG = 5.0  # the demo's guidance scale, for every variant (DemoSettings.cfg)
 # Training images/s of one run on one thread while a second run trains beside it, and the seconds of
-# its evaluation (66 prompts x 2 images), per (token kind, size): the means this study measured on
-# the 2-core AMD EPYC of docs/shapes-study.md (study.json, `measured`; 2026-12-02), so the estimate
-# printed up front is what this machine did. FIXED_S: data + both tokenizers side by side (the VQ,
-# 450 s, is the longer) + tokenize x 2 + encode-text + the two ceilings, measured 9.3 min.
-RATE = {("cont", "tiny"): 336.0, ("disc", "tiny"): 572.0, ("cont", "mini"): 168.0,
-        ("disc", "mini"): 264.0, ("cont", "small"): 88.0, ("disc", "small"): 145.0}  # fmt: skip
-EVAL_S = {("cont", "tiny"): 38.0, ("disc", "tiny"): 16.0, ("cont", "mini"): 45.0,
-          ("disc", "mini"): 17.0, ("cont", "small"): 69.0, ("disc", "small"): 22.0}  # fmt: skip
-FIXED_S = 560.0
+# its evaluation (66 prompts x --eval-images 4), per (token kind, size), on the 2-core AVX-512 AMD
+# EPYC of docs/shapes-study.md (2026-12-03): the rates from a 150-step calibration of each pair,
+# so the estimate printed up front is what this machine did; the study's own measurements land in
+# study.json (`measured`). FIXED_S: data + both tokenizers side by side (the VQ, 120 s, is the
+# longer) + tokenize x 2 + encode-text + the two ceilings, measured 2.7 min.
+RATE = {("cont", "tiny"): 979.0, ("disc", "tiny"): 1561.0, ("cont", "mini"): 446.0,
+        ("disc", "mini"): 673.0, ("cont", "small"): 250.0, ("disc", "small"): 410.0}  # fmt: skip
+EVAL_S = {("cont", "tiny"): 28.0, ("disc", "tiny"): 12.0, ("cont", "mini"): 34.0,
+          ("disc", "mini"): 13.0, ("cont", "small"): 52.0, ("disc", "small"): 16.0}  # fmt: skip
+FIXED_S = 165.0
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ def main() -> None:
     ap.add_argument(
         "--seeded", nargs="+", default=None, help="variants that get the extra seeds (default all)"
     )
-    ap.add_argument("--eval-images", type=int, default=2, help="images per held-out prompt (>= 2)")
+    ap.add_argument("--eval-images", type=int, default=4, help="images per held-out prompt (>= 2)")
     ap.add_argument("--workers", type=int, default=2, help="runs trained side by side, one thread each")
     ap.add_argument("--records", type=int, default=10000)
     ap.add_argument("--tokenizer-steps", type=int, default=None, help="default: train-tokenizer's (800)")
@@ -228,6 +230,7 @@ def main() -> None:
     ap.add_argument("--max-prompts", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests
     ap.add_argument("--job", nargs=3, metavar=("VARIANT", "SIZE", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--estimate", action="store_true", help="print the time estimate and stop")
+    ap.add_argument("--setup-only", action="store_true", help="make the data and tokenizers, then stop")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # run_cli logs each `$ fluid ...`
     recipe = tomllib.loads(RECIPE.read_text())["train"]
@@ -310,6 +313,8 @@ def study(a: argparse.Namespace, jobs: list[Job]) -> None:
     ceilings = {kind: ceiling(tok / kind, out / f"ceiling-{kind}.json", a.seed) for kind in ("vae", "vq")}
     setup_s = time.perf_counter() - t0
     print(f"data and tokenizers: {setup_s / 60:.1f} min", file=sys.stderr, flush=True)
+    if a.setup_only:
+        return
     run_jobs(a, jobs, tqdm)
     rows = [json.loads((out / "runs" / j.name / "result.json").read_text()) for j in jobs]
     rows.sort(
@@ -432,13 +437,13 @@ def run_job(out: Path, job: Job, a: argparse.Namespace) -> None:
 def shapes_geneval(
     run: Path, heldout: Path, root: Path, per_prompt: int, max_prompts: int | None = None
 ) -> dict:
-    """Sample `per_prompt` images per held-out prompt (as `fluid demo`: K=16, cfg 3) and score them."""
+    """Sample `per_prompt` images per held-out prompt (as `fluid demo`: K=16, cfg 5) and score them."""
     from fluid_cli.eval.geneval_run import generate
     from fluid_cli.settings import SampleRunSettings, SampleSettings
     from fluid_cli.shapes.geneval import score_shapes_folder
 
     bench = [json.loads(x) for x in heldout.read_text().splitlines() if x.strip()][:max_prompts]
-    sample = SampleRunSettings(checkpoint=run, out=root, sampling=SampleSettings(steps=16, cfg=3.0), seed=0,
+    sample = SampleRunSettings(checkpoint=run, out=root, sampling=SampleSettings(steps=16, cfg=CFG), seed=0,
                                batch_size=64, images_per_prompt=per_prompt, device="cpu")  # fmt: skip
     generate(root, bench, sample)
     result = score_shapes_folder(root)
