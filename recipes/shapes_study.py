@@ -1,6 +1,6 @@
 """The paper's study at CPU scale: four variants x three sizes on the shapes grid world.
 
-    python recipes/shapes_study.py --out runs/shapes-study            # ~40 min on 2 CPU cores
+    python recipes/shapes_study.py --out runs/shapes-study            # ~73 min on 2 CPU cores
     python recipes/shapes_study.py --out runs/shapes-study --sizes tiny --variants rand-cont
 
 Prints a time estimate first, then runs every stage through the `fluid` CLI; a rerun skips what is
@@ -44,15 +44,14 @@ CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting 
 TEXT_TOKENS = 16  # the demo's: the shapes captions take at most 11 T5 tokens
 CFG = 5.0  # the demo's guidance scale, for every variant (DemoSettings.cfg)
 # Training images/s of one run on one thread while a second run trains beside it, and the seconds of
-# its evaluation (66 prompts x --eval-images 4), per (token kind, size), on the 2-core AVX-512 AMD
-# EPYC of docs/shapes-study.md (2026-12-03): the rates from a 150-step calibration of each pair,
-# so the estimate printed up front is what this machine did; the study's own measurements land in
-# study.json (`measured`). FIXED_S: data + both tokenizers side by side (the VQ, 120 s, is the
+# its evaluation (66 prompts x --eval-images 4), per (token kind, size): the means this study
+# measured on the 2-core AVX-512 AMD EPYC of docs/shapes-study.md (study.json, `measured`;
+# 2026-12-03), so the estimate printed up front is what this machine did. FIXED_S: data + both tokenizers side by side (the VQ, 120 s, is the
 # longer) + tokenize x 2 + encode-text + the two ceilings, measured 2.7 min.
-RATE = {("cont", "tiny"): 979.0, ("disc", "tiny"): 1561.0, ("cont", "mini"): 446.0,
-        ("disc", "mini"): 673.0, ("cont", "small"): 250.0, ("disc", "small"): 410.0}  # fmt: skip
-EVAL_S = {("cont", "tiny"): 28.0, ("disc", "tiny"): 12.0, ("cont", "mini"): 34.0,
-          ("disc", "mini"): 13.0, ("cont", "small"): 52.0, ("disc", "small"): 16.0}  # fmt: skip
+RATE = {("cont", "tiny"): 1145.0, ("disc", "tiny"): 1801.0, ("cont", "mini"): 494.0,
+        ("disc", "mini"): 785.0, ("cont", "small"): 244.0, ("disc", "small"): 419.0}  # fmt: skip
+EVAL_S = {("cont", "tiny"): 11.5, ("disc", "tiny"): 7.9, ("cont", "mini"): 18.8,
+          ("disc", "mini"): 8.4, ("cont", "small"): 37.2, ("disc", "small"): 10.0}  # fmt: skip
 FIXED_S = 165.0
 
 
@@ -593,7 +592,7 @@ def findings_md(f: dict) -> str:
 def markdown(rows: list[dict], ceilings: dict) -> str:
     head = ("| variant | size | seed | params | images | val loss | overall | " + " | ".join(TAGS)
             + " | fidelity | train s | eval s |\n")  # fmt: skip
-    head += "|" + "---|" * (11 + len(TAGS)) + "\n"
+    head += "|" + "---|" * (10 + len(TAGS)) + "\n"  # one per header cell
     lines = [
         f"| {r['variant']} | {r['size']} | {r['seed']} | {r['params'] / 1e6:.2f}M | {r['images_seen']} | "
         f"{r['val_loss']:.4f} | {r['geneval']:.3f} | "

@@ -98,3 +98,14 @@ def test_findings_on_a_made_up_study():
     assert f["4_loss_predicts_geneval"]["rand-cont"]["verdict"] == "held"
     assert f["5_larger_scores_higher"]["verdict"] == "held"
     assert "1. random vs raster: **held**" in study.findings_md(f)
+
+
+def test_markdown_table_rows_have_the_header_s_columns():
+    """A delimiter row with a cell too many keeps GitHub from rendering the table at all."""
+    row = {"variant": "rand-cont", "size": "tiny", "seed": 0, "params": 451728, "images_seen": 64,
+           "val_loss": 0.1, "geneval": 0.5, "tags": dict.fromkeys(study.TAGS, 0.5), "fidelity": 0.7,
+           "train_s": 1.0, "eval_s": 1.0}  # fmt: skip
+    ceilings = {"vae": {"overall": 1.0, "tags": dict.fromkeys(study.TAGS, 1.0)}}
+    lines = study.markdown([row], ceilings).strip().splitlines()
+    widths = {line.count("|") for line in lines}
+    assert widths == {lines[0].count("|")}, lines
