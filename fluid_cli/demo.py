@@ -124,11 +124,13 @@ def run_demo(settings: DemoSettings, run_cli: RunCli) -> Path:
     )
     reserve_s = _sample_reserve_s(vae)
     train_min = max(0.05, (clock.budget_s - clock.elapsed() - reserve_s) / 60)  # a few steps at least
-    saved = sorted((run / "checkpoints").glob("step-*/COMMIT")) if (run / "checkpoints").is_dir() else []
+    from fluid_cli.train.checkpoint import latest
+
+    saved = latest(run)
     if saved:  # a rerun keeps what is done; an interrupted run is scored as it stands, not silently
         log.info(
             "train: %s already holds a checkpoint (%s); scoring it without training further "
-            "(delete %s to train again)", run, saved[-1].parent.name, run,
+            "(delete %s to train again)", run, saved.name, run,
         )  # fmt: skip
     else:
         log.info(

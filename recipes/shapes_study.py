@@ -42,12 +42,12 @@ SIZES = ("tiny", "mini", "small")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 CRISP = 0.9  # detector confidence of an unmistakable shape (GenEval's counting threshold)
 TEXT_TOKENS = 16  # the demo's: the shapes captions take at most 11 T5 tokens
-CFG = 5.0  # the demo's guidance scale, for every variant (DemoSettings.cfg)
 # Training images/s of one run on one thread while a second run trains beside it, and the seconds of
 # its evaluation (66 prompts x --eval-images 4), per (token kind, size): the means this study
 # measured on the 2-core AVX-512 AMD EPYC of docs/shapes-study.md (study.json, `measured`;
-# 2026-12-03), so the estimate printed up front is what this machine did. FIXED_S: data + both tokenizers side by side (the VQ, 120 s, is the
-# longer) + tokenize x 2 + encode-text + the two ceilings, measured 2.7 min.
+# 2026-12-03), so the estimate printed up front is what this machine did. FIXED_S: data + both
+# tokenizers side by side (the VQ, 120 s, is the longer) + tokenize x 2 + encode-text + the two
+# ceilings, measured 2.7 min.
 RATE = {("cont", "tiny"): 1145.0, ("disc", "tiny"): 1801.0, ("cont", "mini"): 494.0,
         ("disc", "mini"): 785.0, ("cont", "small"): 244.0, ("disc", "small"): 419.0}  # fmt: skip
 EVAL_S = {("cont", "tiny"): 11.5, ("disc", "tiny"): 7.9, ("cont", "mini"): 18.8,
@@ -438,11 +438,13 @@ def shapes_geneval(
 ) -> dict:
     """Sample `per_prompt` images per held-out prompt (as `fluid demo`: K=16, cfg 5) and score them."""
     from fluid_cli.eval.geneval_run import generate
-    from fluid_cli.settings import SampleRunSettings, SampleSettings
+    from fluid_cli.settings import DemoSettings, SampleRunSettings, SampleSettings
     from fluid_cli.shapes.geneval import score_shapes_folder
 
     bench = [json.loads(x) for x in heldout.read_text().splitlines() if x.strip()][:max_prompts]
-    sample = SampleRunSettings(checkpoint=run, out=root, sampling=SampleSettings(steps=16, cfg=CFG), seed=0,
+    demo = DemoSettings()  # the demo's sampling (K, cfg), for every variant: one source of truth
+    sampling = SampleSettings(steps=demo.sample_steps, cfg=demo.cfg)
+    sample = SampleRunSettings(checkpoint=run, out=root, sampling=sampling, seed=0,
                                batch_size=64, images_per_prompt=per_prompt, device="cpu")  # fmt: skip
     generate(root, bench, sample)
     result = score_shapes_folder(root)
